@@ -1,0 +1,32 @@
+# Two commands set up everything on a fresh machine:
+#   make demo   installs into .venv, then trains a small MobileNet on a generated dataset and exports it
+#   make test   installs into .venv (with test tools), then runs lint and the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CUDA build of torch that clusters use also runs on CPU; these versions are on this machine's disk.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python -m train experiment=demo
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .cache .pytest_cache

@@ -1,0 +1,135 @@
+"""The shard directory's metadata file, `_info.json`.
+
+One file serves us and timm: timm's WebDataset reader (`timm.data.readers.reader_wds`) reads `splits.<name>`
+with `name`, `num_samples`, `filenames` and `shard_lengths`; we add `label_names` (class folder names in index
+order) so that training needs no `num_classes` override.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+INFO_FILE = "_info.json"
+FORMAT = "mobilenet-train/wds-v1"
+MAKE_SHARDS_HINT = "python -m data_pipes.make_shards --src /data/imagenet --out /data/imagenet-wds"
+
+
+class DatasetError(ValueError):
+    """The shard directory is missing, empty, or disagrees with its metadata."""
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    name: str
+    filenames: tuple[str, ...]
+    shard_lengths: tuple[int, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.shard_lengths)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "filenames": list(self.filenames),
+            "shard_lengths": list(self.shard_lengths),
+        }
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    root: Path
+    label_names: tuple[str, ...]
+    splits: dict[str, SplitInfo]
+    name: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise DatasetError(
+                f"{self.root / INFO_FILE} has no '{name}' split (it has: {', '.join(sorted(self.splits)) or 'none'}). "
+                f"Re-make the shards with both train/ and val/ folders: {MAKE_SHARDS_HINT}"
+            )
+        return self.splits[name]
+
+    def shards(self, split: str) -> list[tuple[Path, int]]:
+        """(path, sample count) of every shard of a split, in metadata order."""
+        info = self.split(split)
+        return [(self.root / f, n) for f, n in zip(info.filenames, info.shard_lengths)]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "label_names": list(self.label_names),
+            "num_classes": self.num_classes,
+            "splits": {k: v.to_json() for k, v in self.splits.items()},
+        }
+
+
+def write_info(info: DatasetInfo) -> Path:
+    """Write `_info.json` atomically (a reader never sees half a file)."""
+    path = Path(info.root) / INFO_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info.to_json(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_info(root: str | os.PathLike, *, check_files: bool = True) -> DatasetInfo:
+    """Read and validate a shard directory; every problem is reported with what was expected and how to fix it."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(
+            f"data.root={root} does not exist. Point data.root at a directory of WebDataset shards "
+            f"(train-*.tar, val-*.tar, {INFO_FILE}); make one from an ImageNet-style folder with: {MAKE_SHARDS_HINT}"
+        )
+    path = root / INFO_FILE
+    if not path.is_file():
+        tars = sorted(p.name for p in root.glob("*.tar"))
+        found = f"it holds {len(tars)} .tar files but no {INFO_FILE}" if tars else "it is empty of shards"
+        raise DatasetError(
+            f"data.root={root} is not a shard directory: {found}. Shards and their metadata are written together "
+            f"by: {MAKE_SHARDS_HINT}"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        splits = {
+            name: SplitInfo(name, tuple(s["filenames"]), tuple(int(n) for n in s["shard_lengths"]))
+            for name, s in raw["splits"].items()
+        }
+        labels = tuple(raw["label_names"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DatasetError(f"{path} is not valid shard metadata ({e!r}); re-make it with: {MAKE_SHARDS_HINT}") from e
+    info = DatasetInfo(root=root, label_names=labels, splits=splits, name=raw.get("name", ""))
+    if check_files:
+        _check_files(info)
+    return info
+
+
+def _check_files(info: DatasetInfo) -> None:
+    for split in info.splits.values():
+        if len(split.filenames) != len(split.shard_lengths):
+            raise DatasetError(f"{info.root / INFO_FILE}: split '{split.name}' lists {len(split.filenames)} shards "
+                               f"but {len(split.shard_lengths)} shard lengths; re-make it with: {MAKE_SHARDS_HINT}")
+        missing = [f for f in split.filenames if not (info.root / f).is_file()]
+        if missing:
+            raise DatasetError(
+                f"{info.root / INFO_FILE} lists {len(missing)} shard(s) of split '{split.name}' that are not on disk "
+                f"(first: {missing[0]}). Copy the missing shards, or re-make the directory with: {MAKE_SHARDS_HINT}"
+            )
+        listed = set(split.filenames)
+        extra = sorted(p.name for p in info.root.glob(f"{split.name}-*.tar") if p.name not in listed)
+        if extra:
+            raise DatasetError(
+                f"{info.root} holds {len(extra)} '{split.name}' shard(s) that {INFO_FILE} does not list "
+                f"(first: {extra[0]}): the metadata does not match the tar files. Re-run make_shards on the same "
+                f"--out to finish an interrupted write, or remove the stray files."
+            )

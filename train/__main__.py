@@ -1,0 +1,29 @@
+"""`python -m train [overrides]`: compose the Hydra config and call `train.run.train`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger("train")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from data_pipes.metadata import DatasetError
+    from train.models import UnknownModelError
+    from train.run import train
+
+    try:
+        train(cfg)
+    except (DatasetError, UnknownModelError, NotImplementedError) as e:
+        # Bad input, not a bug: say what is wrong and how to fix it, without a stack trace.
+        log.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

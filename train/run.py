@@ -1,0 +1,149 @@
+"""`train(cfg)`: build every part from the composed config, fit, export. Plain function: tests call it directly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from timm.data import resolve_model_data_config
+
+from data_pipes.augment import build_eval_transform, build_train_transform
+from data_pipes.datamodule import ShardDataModule
+from data_pipes.metadata import DatasetInfo
+from data_pipes.prepare import prepare_dataset
+from train.callbacks import AtomicCheckpointIO, RunRecord, build_callbacks
+from train.models import check_img_size, count_macs, create_model
+from train.module import ImageClassifier
+from train.objective import build_batch_mixing, build_objective
+from train.optim import optimizer_factory, scheduler_factory
+from train.quantize import prepare_qat
+from train.tracking import RunIdentity, build_loggers, define_summaries, record_summary
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train the configured model; returns the final validation metrics (and the export's, when exported)."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = prepare_dataset(cfg.data.root, synthetic=_plain(cfg.data.synthetic))
+
+    model = create_model(cfg.model.name, num_classes=info.num_classes, drop_rate=cfg.model.drop_rate,
+                         drop_path_rate=cfg.model.drop_path_rate)
+    data_config = _data_config(model, cfg)
+    img_size = data_config["input_size"][-1]
+    check_img_size(model, img_size)
+    macs = count_macs(model, img_size)
+    model = prepare_qat(model, enabled=cfg.qat)
+
+    datamodule = _build_datamodule(cfg, data_config)
+    module = _build_module(cfg, model, info, data_config, datamodule, macs)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    identity = RunIdentity(model_key=cfg.model.key, family=cfg.model.family, recipe=cfg.recipe,
+                           distill=cfg.distill, qat=cfg.qat, seed=cfg.seed)
+    loggers = build_loggers(run_dir, identity, wandb_enabled=cfg.logger.wandb.enabled, project=cfg.logger.wandb.project,
+                            entity=cfg.logger.wandb.entity, mode=cfg.logger.wandb.mode, csv=cfg.logger.csv,
+                            config=resolved)
+    record = RunRecord(resolved, {"root": str(info.root), "label_names": list(info.label_names)}, data_config)
+    callbacks = build_callbacks(run_dir, every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps,
+                                save_top_k=cfg.callbacks.checkpoint.save_top_k, lr_monitor=cfg.callbacks.lr_monitor,
+                                ema_decay=cfg.ema.decay, record=record, has_logger=bool(loggers))
+    trainer = L.Trainer(**_trainer_kwargs(cfg), default_root_dir=run_dir, logger=loggers or False,
+                        callbacks=callbacks + datamodule.callbacks(),
+                        enable_progress_bar=cfg.callbacks.progress_bar, plugins=[AtomicCheckpointIO()])
+    define_summaries(loggers)
+    record_summary(loggers, {"model/params_m": _params_m(model), "model/macs_m": macs / 1e6, "img_size": img_size})
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if cfg.export and trainer.is_global_zero:
+        metrics.update(_export(run_dir, module, info, data_config, cfg, loggers))
+    record_summary(loggers, metrics)
+    for logger in loggers:
+        logger.finalize("success")
+    return metrics
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _data_config(model: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
+    """Mean/std, crop and interpolation are the model's (timm); only the resolution is ours to choose."""
+    size = cfg.data.img_size or cfg.model.resolution
+    args = {"input_size": (3, size, size)} if size else {}
+    data_config = resolve_model_data_config(model, args=args)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
+
+
+def _build_datamodule(cfg: DictConfig, data_config: dict[str, Any]) -> ShardDataModule:
+    img_size = data_config["input_size"][-1]
+    aug = cfg.aug.train
+    return ShardDataModule(
+        root=cfg.data.root,
+        batch_size=cfg.data.batch_size,
+        val_batch_size=cfg.data.val_batch_size,
+        num_workers=cfg.data.num_workers,
+        train_transform=build_train_transform(img_size, **_plain(aug)),
+        eval_transform=build_eval_transform(img_size, crop_pct=data_config["crop_pct"],
+                                            interpolation=data_config["interpolation"]),
+        seed=cfg.seed,
+        shuffle_window=cfg.data.shuffle_window,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+    )
+
+
+def _build_module(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, data_config: dict[str, Any],
+                  datamodule: ShardDataModule, macs: float) -> ImageClassifier:
+    optim = dict(_plain(cfg.optim))
+    sched = dict(_plain(cfg.sched))
+
+    def updates_per_epoch() -> int:
+        world = datamodule.trainer.world_size if datamodule.trainer else 1
+        return max(1, datamodule.steps_per_epoch(world) // cfg.trainer.accumulate_grad_batches)
+
+    return ImageClassifier(
+        model,
+        num_classes=info.num_classes,
+        mean=data_config["mean"],
+        std=data_config["std"],
+        objective=build_objective(distill=cfg.distill, label_smoothing=cfg.label_smoothing),
+        batch_mixing=build_batch_mixing(num_classes=info.num_classes, label_smoothing=cfg.label_smoothing,
+                                        **_plain(cfg.aug.mixup)),
+        optimizer=optimizer_factory(**optim),
+        scheduler=scheduler_factory(num_epochs=cfg.trainer.max_epochs, **sched),
+        updates_per_epoch=updates_per_epoch,
+        channels_last=cfg.channels_last,
+        macs_per_image=macs,
+    )
+
+
+def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    kwargs = {k: v for k, v in _plain(cfg.trainer).items() if v is not None}
+    if kwargs.get("precision") == "auto":
+        kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    return kwargs
+
+
+def _params_m(model: torch.nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def _export(run_dir: Path, module: ImageClassifier, info: DatasetInfo, data_config: dict[str, Any], cfg: DictConfig,
+            loggers: list) -> dict[str, float]:
+    from data_pipes.datamodule import build_eval_loader
+    from train.export import export_model
+
+    img_size = data_config["input_size"][-1]
+    loader = build_eval_loader(info.root, build_eval_transform(img_size, crop_pct=data_config["crop_pct"],
+                                                               interpolation=data_config["interpolation"]),
+                               batch_size=cfg.data.val_batch_size or cfg.data.batch_size,
+                               num_workers=min(cfg.data.num_workers, 4))
+    report = export_model(module.model.cpu().eval(), run_dir / "export", architecture=cfg.model.name,
+                          label_names=info.label_names, data_config=data_config, val_batches=loader)
+    return {f"export/{k}": float(v) for k, v in report.metrics.items() if isinstance(v, (int, float))}
