@@ -26,10 +26,16 @@ class SplitInfo:
     name: str
     filenames: tuple[str, ...]
     shard_lengths: tuple[int, ...]
+    # (reason, count) pairs for source files make_shards left out; a tuple keeps the dataclass hashable.
+    skipped: tuple[tuple[str, int], ...] = ()
 
     @property
     def num_samples(self) -> int:
         return sum(self.shard_lengths)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(n for _, n in self.skipped)
 
     def to_json(self) -> dict:
         return {
@@ -37,6 +43,9 @@ class SplitInfo:
             "num_samples": self.num_samples,
             "filenames": list(self.filenames),
             "shard_lengths": list(self.shard_lengths),
+            # Extra keys are ignored by timm's reader, which reads only the four above.
+            "num_skipped": self.num_skipped,
+            "skipped": dict(self.skipped),
         }
 
 
@@ -102,11 +111,16 @@ def read_info(root: str | os.PathLike, *, check_files: bool = True) -> DatasetIn
     try:
         raw = json.loads(path.read_text())
         splits = {
-            name: SplitInfo(name, tuple(s["filenames"]), tuple(int(n) for n in s["shard_lengths"]))
+            name: SplitInfo(
+                name,
+                tuple(s["filenames"]),
+                tuple(int(n) for n in s["shard_lengths"]),
+                tuple((str(k), int(n)) for k, n in s.get("skipped", {}).items()),
+            )
             for name, s in raw["splits"].items()
         }
         labels = tuple(raw["label_names"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise DatasetError(f"{path} is not valid shard metadata ({e!r}); re-make it with: {MAKE_SHARDS_HINT}") from e
     info = DatasetInfo(root=root, label_names=labels, splits=splits, name=raw.get("name", ""))
     if check_files:

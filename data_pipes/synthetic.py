@@ -42,15 +42,16 @@ def render(label: str, size: int, rng: np.random.Generator) -> Image.Image:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r / 3)))
     elif shape in ("square", "triangle"):
         corners = 4 if shape == "square" else 3
-        pts = [(cx + r * math.cos(angle + 2 * math.pi * k / corners), cy + r * math.sin(angle + 2 * math.pi * k / corners))
-               for k in range(corners)]
+        turns = [angle + 2 * math.pi * k / corners for k in range(corners)]
+        pts = [(cx + r * math.cos(t), cy + r * math.sin(t)) for t in turns]
         draw.polygon(pts, fill=colour)
     else:  # bars
         for k in range(-2, 3):
             off = k * r / 2.2
             dx, dy = math.cos(angle) * off, math.sin(angle) * off
             ex, ey = -math.sin(angle) * r, math.cos(angle) * r
-            draw.line([(cx + dx - ex, cy + dy - ey), (cx + dx + ex, cy + dy + ey)], fill=colour, width=max(2, int(r / 6)))
+            ends = [(cx + dx - ex, cy + dy - ey), (cx + dx + ex, cy + dy + ey)]
+            draw.line(ends, fill=colour, width=max(2, int(r / 6)))
     return img
 
 

@@ -54,8 +54,10 @@ def test_every_option_of_every_group_composes(group):
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_starts_with_its_command(experiment):
-    first_line = (CONF / "experiment" / f"{experiment}.yaml").read_text().splitlines()[0]
-    assert first_line.startswith("# python -m train") and f"experiment={experiment}" in first_line
+    # Hydra reads the package header only from the very first lines; the command comes right after it.
+    header, command = (CONF / "experiment" / f"{experiment}.yaml").read_text().splitlines()[:2]
+    assert header == "# @package _global_"
+    assert command.startswith("# python -m train") and f"experiment={experiment}" in command
     cfg = compose_train(f"experiment={experiment}")
     OmegaConf.to_container(cfg, resolve=True)
 

@@ -56,12 +56,13 @@ def build_callbacks(
     record: RunRecord, has_logger: bool,
 ) -> list[Callback]:
     checkpoints = run_dir / "checkpoints"
+    # Both write the same last.ckpt (every N steps, and after each validation), so `ckpt_path=last` always finds
+    # the newest state under one name; the version counter would otherwise make last-v1.ckpt.
     callbacks: list[Callback] = [
-        # Saves last.ckpt often enough that a preempted job loses little; never rotates it away.
         ModelCheckpoint(dirpath=checkpoints, filename="step-{step}", every_n_train_steps=every_n_train_steps,
-                        save_last=True, save_top_k=0),
-        ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc1", mode="max",
-                        save_top_k=save_top_k, save_last=True, auto_insert_metric_name=False),
+                        save_last=True, save_top_k=0, enable_version_counter=False),
+        ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc1", mode="max", save_top_k=save_top_k,
+                        save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
         record,
     ]
     if has_logger:

@@ -79,8 +79,9 @@ class ImageClassifier(LightningModule):
         logits = self(images)
         losses = self.objective(logits, targets, images)
         self.train_acc1(logits, batch["target"])
-        self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
-        self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=True)
+        batch_size = images.size(0)
+        self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True, batch_size=batch_size)
+        self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=True, batch_size=batch_size)
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

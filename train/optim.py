@@ -46,7 +46,7 @@ class SchedulerFactory:
             sched = "step"
             kwargs["decay_rate"] = kwargs["decay_rate"] ** (1.0 / updates_per_epoch)
             kwargs["decay_epochs"] = 1.0 / updates_per_epoch
-        return create_scheduler_v2(
+        scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=sched,
             num_epochs=self.num_epochs,
@@ -54,6 +54,7 @@ class SchedulerFactory:
             updates_per_epoch=updates_per_epoch,
             **kwargs,
         )
+        return scheduler
 
 
 def optimizer_factory(opt: str, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> OptimizerFactory:
@@ -63,5 +64,6 @@ def optimizer_factory(opt: str, lr: float, weight_decay: float = 0.0, **kwargs: 
 def scheduler_factory(sched: str, num_epochs: int, **kwargs: Any) -> SchedulerFactory:
     known = {"cosine", "step", "exponential", "multistep", "tanh", "poly"}
     if sched not in known:
-        raise ValueError(f"sched.sched={sched!r} is not a schedule; choose one of {sorted(known)} (sched=cosine|step|exponential)")
+        raise ValueError(f"sched.sched={sched!r} is not a schedule; choose one of {sorted(known)} "
+                         "(e.g. sched=cosine, sched=step, sched=exponential)")
     return SchedulerFactory(sched=sched, num_epochs=num_epochs, kwargs=kwargs)

@@ -16,7 +16,7 @@ from data_pipes.datamodule import ShardDataModule
 from data_pipes.metadata import DatasetInfo
 from data_pipes.prepare import prepare_dataset
 from train.callbacks import AtomicCheckpointIO, RunRecord, build_callbacks
-from train.models import check_img_size, count_macs, create_model
+from train.models import check_img_size, check_model_name, count_macs, create_model
 from train.module import ImageClassifier
 from train.objective import build_batch_mixing, build_objective
 from train.optim import optimizer_factory, scheduler_factory
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train the configured model; returns the final validation metrics (and the export's, when exported)."""
+    check_model_name(cfg.model.name)  # before touching data: a typo should not wait for a dataset
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,8 @@ def _build_module(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, da
 def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kwargs = {k: v for k, v in _plain(cfg.trainer).items() if v is not None}
     if kwargs.get("precision") == "auto":
-        kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+        bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        kwargs["precision"] = "bf16-mixed" if bf16_gpu else "32-true"
     return kwargs
 
 
