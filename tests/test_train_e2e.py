@@ -45,8 +45,9 @@ def trained_run(tmp_path_factory, imagenette_root):
     cfg = compose_train(
         f"run_dir={tmp / 'run'}", f"data.root={shards}", "model=mnv3_s_100", "data.img_size=96",
         "data.batch_size=32", "data.num_workers=2", "trainer.accelerator=cpu", "trainer.devices=1",
-        "trainer.max_epochs=10", "optim.lr=3e-3", "optim.weight_decay=0.01", "sched.warmup_epochs=1",
-        "label_smoothing=0.0", "ema.decay=0.99", "logger.wandb.mode=offline", "callbacks.progress_bar=false",
+        "trainer.max_epochs=14", "optim.lr=3e-3", "optim.weight_decay=0.01", "sched.warmup_epochs=1",
+        "label_smoothing=0.0", "aug.train.scale=[0.35,1]", "model.drop_rate=0.0", "ema.decay=0.98",
+        "logger.wandb.mode=offline", "callbacks.progress_bar=false",
     )
     metrics = train(cfg)
     return tmp / "run", metrics

@@ -9,12 +9,8 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import (
-    EMAWeightAveraging,
-    LearningRateMonitor,
-    ModelCheckpoint,
-    ThroughputMonitor,
-)
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, WeightAveraging
+from torch import Tensor
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,13 +43,25 @@ class RunRecord(Callback):
         checkpoint.update(self.record)
 
 
+class WarmupEMA:
+    """EMA update with timm's warm-up: the decay grows as (1 + n) / (10 + n) up to `decay`, so the average is not
+    dominated by the random initialisation for the first ~1/(1 - decay) steps (Lightning's EMA has no warm-up)."""
+
+    def __init__(self, decay: float, warmup: bool) -> None:
+        self.decay, self.warmup = decay, warmup
+
+    def __call__(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        decay = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=self.decay) if self.warmup else self.decay
+        return averaged + (current - averaged) * (1 - decay)
+
+
 def image_count(batch: dict[str, Any]) -> int:
     return batch["image"].size(0)
 
 
 def build_callbacks(
     run_dir: Path, *, every_n_train_steps: int, save_top_k: int, lr_monitor: bool, ema_decay: float | None,
-    record: RunRecord, has_logger: bool,
+    ema_warmup: bool, record: RunRecord, has_logger: bool,
 ) -> list[Callback]:
     checkpoints = run_dir / "checkpoints"
     # Both write the same last.ckpt (every N steps, and after each validation), so `ckpt_path=last` always finds
@@ -70,5 +78,6 @@ def build_callbacks(
         if lr_monitor:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
     if ema_decay is not None:
-        callbacks.append(EMAWeightAveraging(decay=ema_decay))
+        # Validation and checkpoints use the averaged weights; at the end they replace the trained ones (export).
+        callbacks.append(WeightAveraging(avg_fn=WarmupEMA(ema_decay, ema_warmup), use_buffers=True))
     return callbacks

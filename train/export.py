@@ -264,7 +264,8 @@ def _write_config(
     from timm.models._hub import save_config_for_hf
 
     preprocessing = {k: _plain(data_config[k]) for k in (*DATA_CONFIG_KEYS, "crop_mode") if k in data_config}
-    save_config_for_hf(model, str(path), model_config={"label_names": list(label_names)}, data_config=preprocessing)
+    # Older timm (< 1.0.31) takes neither `data_config` nor a str path: the preprocessing is set just below.
+    save_config_for_hf(model, Path(path), model_config={"label_names": list(label_names)})
     config = json.loads(path.read_text())
     config["architecture"] = architecture
     pretrained_cfg = config["pretrained_cfg"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ from train.quantize import prepare_qat
 from train.tracking import RunIdentity, build_loggers, define_summaries, record_summary
 
 log = logging.getLogger(__name__)
+# The module normalises uint8 batches in `on_after_batch_transfer` on purpose (on the device, after the copy);
+# Lightning warns whenever a module overrides that hook while a datamodule is in use.
+warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -53,7 +58,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     record = RunRecord(resolved, {"root": str(info.root), "label_names": list(info.label_names)}, data_config)
     callbacks = build_callbacks(run_dir, every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps,
                                 save_top_k=cfg.callbacks.checkpoint.save_top_k, lr_monitor=cfg.callbacks.lr_monitor,
-                                ema_decay=cfg.ema.decay, record=record, has_logger=bool(loggers))
+                                ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup, record=record,
+                                has_logger=bool(loggers))
     trainer = L.Trainer(**_trainer_kwargs(cfg), default_root_dir=run_dir, logger=loggers or False,
                         callbacks=callbacks + datamodule.callbacks(),
                         enable_progress_bar=cfg.callbacks.progress_bar, plugins=[AtomicCheckpointIO()])
@@ -106,7 +112,8 @@ def _build_module(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, da
 
     def updates_per_epoch() -> int:
         world = datamodule.trainer.world_size if datamodule.trainer else 1
-        return max(1, datamodule.steps_per_epoch(world) // cfg.trainer.accumulate_grad_batches)
+        # Lightning steps the optimizer on the last, partial accumulation of an epoch too.
+        return max(1, math.ceil(datamodule.steps_per_epoch(world) / cfg.trainer.accumulate_grad_batches))
 
     return ImageClassifier(
         model,
