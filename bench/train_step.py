@@ -29,7 +29,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,8 @@ def run_pipeline(cfg, args: argparse.Namespace, device: torch.device) -> float:
     from train.run import train
 
     timer = StepTimer(args.warmup, args.steps, synchronizer(device))
-    with extra_callbacks([timer]):
+    # Lightning's progress bar writes to stdout; it goes to stderr here so that stdout holds only the results.
+    with extra_callbacks([timer]), redirect_stdout(sys.stderr):
         train(cfg)
     gc.collect()  # the trainer's loader workers go with it
     return timer.images_per_second()
@@ -233,6 +234,14 @@ def run_plain(cfg, args: argparse.Namespace, device: torch.device) -> float:
     return images / elapsed
 
 
+def pipeline_detail(cfg) -> str:
+    parts = ["Lightning"]
+    parts += ["CSV logger + ThroughputMonitor + LR monitor"] if cfg.logger.csv else ["no logger"]
+    parts += ["progress bar"] if cfg.callbacks.progress_bar else []
+    parts += [f"EMA {cfg.ema.decay}"] if cfg.ema.decay else []
+    return ", ".join(parts)
+
+
 # --- main ------------------------------------------------------------------------------------------------------
 
 
@@ -247,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="runs of each, alternating (default: 3)")
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (default: 2)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda (default: auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads of the training process, for both runners (default: torch's)")
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="ImageNet-layout folder (default: %(default)s)")
     p.add_argument("--upscale", type=int, default=None, metavar="PX",
                    help="re-encode the slice with this shorter side (emulates ImageNet photo sizes)")
@@ -262,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         raise SystemExit("--warmup, --steps and --repeats must be at least 1")
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING if args.quiet else logging.INFO)
     warnings.filterwarnings("ignore", message=".*(could not find the monitored key|does not have many workers).*")
     needed = (args.warmup + args.steps) * args.batch_size
@@ -277,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         cfg = compose_config(args, data.shards, Path(tmp) / "run", device)
-        pipeline = Runs("pipeline (train.run.train)", "Lightning: module, callbacks, CSV logger, progress bar")
+        pipeline = Runs("pipeline (train.run.train)", pipeline_detail(cfg))
         plain = Runs("plain PyTorch loop", "same loader; hand-written step")
         alternate([(pipeline, lambda: run_pipeline(cfg, args, device)),
                    (plain, lambda: run_plain(cfg, args, device))], args.repeats, log)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def build_loggers(
     return loggers
 
 
+@rank_zero_only  # other ranks hold a stand-in W&B run
 def define_summaries(loggers: Sequence[Logger]) -> None:
     """The W&B summary of val/acc1 and val/acc5 is their best value, not the last one."""
     for logger in loggers:
@@ -68,6 +70,7 @@ def define_summaries(loggers: Sequence[Logger]) -> None:
                 logger.experiment.define_metric(key, summary="max")
 
 
+@rank_zero_only
 def record_summary(loggers: Sequence[Logger], values: dict[str, Any]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
