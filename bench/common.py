@@ -180,6 +180,26 @@ def stop_workers(loader: object) -> None:
         inner._iterator = None
 
 
+def worker_pids(loader: object) -> list[int]:
+    inner = getattr(loader, "loader", loader)
+    iterator = getattr(inner, "_iterator", None)
+    return [w.pid for w in getattr(iterator, "_workers", []) if w.pid is not None]
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time used so far by this process (all threads) and the given worker processes. Unlike images/s, it
+    hardly depends on what else runs on the machine (Linux /proc; elsewhere the workers count 0)."""
+    return time.process_time() + sum(_proc_cpu_seconds(pid) for pid in pids)
+
+
 # --- statistics and the table ----------------------------------------------------------------------------------
 
 
@@ -190,6 +210,7 @@ class Runs:
     name: str
     detail: str = ""
     values: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # CPU milliseconds per image (main process + workers)
 
     @property
     def median(self) -> float:
@@ -211,12 +232,16 @@ def print_table(title: str, runs: Iterable[Runs], footer: Sequence[str] = ()) ->
     width = max(28, *(len(r.name) for r in runs))
     print()
     print(title)
-    header = f"{'runner':<{width}} {'median':>9} {'min':>9} {'max':>9} {'runs':>5}  notes"
+    cpu = any(r.cpu_ms for r in runs)
+    header = (f"{'runner':<{width}} {'median':>9} {'min':>9} {'max':>9} {'runs':>5}"
+              f"{'  CPU ms/img' if cpu else ''}  notes")
     print(header)
     print("-" * len(header))
     for r in runs:
         lo, hi = (min(r.values), max(r.values)) if r.values else (float("nan"),) * 2
-        print(f"{r.name:<{width}} {r.median:9.1f} {lo:9.1f} {hi:9.1f} {len(r.values):5d}  {r.detail}")
+        cpu_ms = f"{statistics.median(r.cpu_ms):12.2f}" if r.cpu_ms else f"{'n/a':>12}"
+        print(f"{r.name:<{width}} {r.median:9.1f} {lo:9.1f} {hi:9.1f} {len(r.values):5d}"
+              f"{cpu_ms if cpu else ''}  {r.detail}")
     for line in footer:
         print(line)
 

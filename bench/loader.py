@@ -43,6 +43,8 @@ from bench.common import (
     REPO,
     Runs,
     Slice,
+    cpu_seconds,
+    load_average,
     machine_summary,
     per_class_for,
     pick_device,
@@ -50,6 +52,7 @@ from bench.common import (
     print_table,
     stop_workers,
     synchronizer,
+    worker_pids,
 )
 
 GOAL = 1.5
@@ -91,17 +94,21 @@ class Options:
 # --- timing ----------------------------------------------------------------------------------------------------
 
 
-def time_batches(batches: Iterator, consume: Callable[[object], int], opts: Options) -> float:
-    """images/s over `opts.batches` batches after `opts.warmup` untimed ones."""
+def time_batches(loader: object, batches: Iterator, consume: Callable[[object], int],
+                 opts: Options) -> tuple[float, float]:
+    """(images/s, CPU ms per image of this process and the loader's workers) over `opts.batches` batches after
+    `opts.warmup` untimed ones."""
     sync = synchronizer(opts.device)
     for _ in range(opts.warmup):
         consume(next(batches))
     sync()
-    start, images = time.perf_counter(), 0
+    pids = worker_pids(loader)
+    start, cpu_start, images = time.perf_counter(), cpu_seconds(pids), 0
     for _ in range(opts.batches):
         images += consume(next(batches))
     sync()
-    return images / (time.perf_counter() - start)
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu_start
+    return images / elapsed, 1000 * cpu / images
 
 
 # --- ours ------------------------------------------------------------------------------------------------------
@@ -121,7 +128,7 @@ def our_datamodule(setting: AugSetting, opts: Options):
     return run._build_datamodule(cfg, data_config)
 
 
-def run_ours(setting: AugSetting, opts: Options) -> float:
+def run_ours(setting: AugSetting, opts: Options) -> tuple[float, float]:
     torch.manual_seed(opts.seed)
     loader = our_datamodule(setting, opts).train_dataloader()
     if len(loader) < opts.warmup + opts.batches:
@@ -138,7 +145,7 @@ def run_ours(setting: AugSetting, opts: Options) -> float:
         return images.size(0)
 
     try:
-        return time_batches(iter(loader), consume, opts)
+        return time_batches(loader, iter(loader), consume, opts)
     finally:
         stop_workers(loader)
         gc.collect()
@@ -156,7 +163,7 @@ def timm_dataset(kind: str, opts: Options):
                           batch_size=opts.batch_size, seed=opts.seed)
 
 
-def run_timm(kind: str, setting: AugSetting, opts: Options) -> float:
+def run_timm(kind: str, setting: AugSetting, opts: Options) -> tuple[float, float]:
     from timm.data import create_loader
 
     torch.manual_seed(opts.seed)
@@ -183,7 +190,7 @@ def run_timm(kind: str, setting: AugSetting, opts: Options) -> float:
         raise SystemExit(f"timm's {kind} loader has {len(loader)} batches per epoch, fewer than --warmup + --batches")
     batches = iter(loader)
     try:
-        return time_batches(batches, lambda batch: batch[0].size(0), opts)
+        return time_batches(loader, batches, lambda batch: batch[0].size(0), opts)
     finally:
         batches.close()
         stop_workers(loader)
@@ -241,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             k = r % len(runners)
             for runs, fn in runners[k:] + runners[:k]:  # rotate the order: no runner always goes first
-                runs.values.append(fn())
-                log(f"  repeat {r + 1}/{args.repeats}  {runs.name:<28} {runs.values[-1]:9.1f} images/s")
+                value, cpu_ms = fn()
+                runs.values.append(value)
+                runs.cpu_ms.append(cpu_ms)
+                log(f"  repeat {r + 1}/{args.repeats}  {runs.name:<28} {value:9.1f} images/s  {cpu_ms:6.2f} CPU ms/img"
+                    f"  (load avg {load_average()})")
         peer = max(folder, wds, key=lambda x: x.median)
         results.append((setting, ours, folder, wds, peer))
 

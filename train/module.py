@@ -15,6 +15,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from train.optim import OptimizerFactory, SchedulerFactory
 
@@ -49,7 +50,7 @@ class ImageClassifier(LightningModule):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
         top_k = min(5, num_classes)
-        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.num_classes, self.top_k = num_classes, top_k
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.val_loss = MeanMetric()
@@ -78,11 +79,16 @@ class ImageClassifier(LightningModule):
         images, targets = self.batch_mixing(batch["image"], batch["target"])
         logits = self(images)
         losses = self.objective(logits, targets, images)
-        self.train_acc1(logits, batch["target"])
-        batch_size = images.size(0)
-        self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True, batch_size=batch_size)
-        self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=True, batch_size=batch_size)
+        self._log_train(losses, logits, batch["target"])
         return losses["loss"]
+
+    def _log_train(self, losses: dict[str, Tensor], logits: Tensor, labels: Tensor) -> None:
+        batch_size = logits.size(0)
+        self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True, batch_size=batch_size)
+        # Percent, like val; the epoch value is the batch-size-weighted mean, i.e. the exact epoch accuracy.
+        accuracy = {name: multiclass_accuracy(logits, labels, self.num_classes, top_k=k, average="micro") * 100
+                    for name, k in (("train/acc1", 1), ("train/acc5", self.top_k))}
+        self.log_dict(accuracy, on_step=True, on_epoch=True, batch_size=batch_size)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # Padding samples (valid=False) keep every rank's batch count equal; they are never counted.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,14 @@ log = logging.getLogger(__name__)
 # The module normalises uint8 batches in `on_after_batch_transfer` on purpose (on the device, after the copy);
 # Lightning warns whenever a module overrides that hook while a datamodule is in use.
 warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`")
+# The shard stream plans each worker's share itself, so its `__len__` is exact with any number of workers.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train the configured model; returns the final validation metrics (and the export's, when exported)."""
+def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
+    """Train the configured model; returns the final validation metrics (and the export's, when exported).
+
+    `callbacks` are added to the run's own (for programmatic use: benchmarks, tests, notebooks)."""
     check_model_name(cfg.model.name)  # before touching data: a typo should not wait for a dataset
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
@@ -56,12 +61,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
                             entity=cfg.logger.wandb.entity, mode=cfg.logger.wandb.mode, csv=cfg.logger.csv,
                             config=resolved)
     record = RunRecord(resolved, {"root": str(info.root), "label_names": list(info.label_names)}, data_config)
-    callbacks = build_callbacks(run_dir, every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps,
+    run_callbacks = build_callbacks(run_dir, every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps,
                                 save_top_k=cfg.callbacks.checkpoint.save_top_k, lr_monitor=cfg.callbacks.lr_monitor,
                                 ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup, record=record,
                                 has_logger=bool(loggers))
     trainer = L.Trainer(**_trainer_kwargs(cfg), default_root_dir=run_dir, logger=loggers or False,
-                        callbacks=callbacks + datamodule.callbacks(),
+                        callbacks=[*run_callbacks, *datamodule.callbacks(), *callbacks],
                         enable_progress_bar=cfg.callbacks.progress_bar, plugins=[AtomicCheckpointIO()])
     define_summaries(loggers)
     record_summary(loggers, {"model/params_m": _params_m(model), "model/macs_m": macs / 1e6, "img_size": img_size})
