@@ -78,7 +78,30 @@ def _classes(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def per_class_for(src: Path, images_needed: int, margin: float = 1.15) -> int:
+def images_needed(batches: int, batch_size: int, workers: int, shuffle_window: int) -> int:
+    """Train images for our loader to deliver `batches` batches before any worker runs out of work.
+
+    Our stream gives each worker whole shuffle windows (`data_pipes.stream_plan.fresh_streams`), so on a small
+    slice some workers finish early and the last batches come from fewer workers; timing them would measure that
+    tail, not the loader. This asks for enough full windows that every worker has its share of `batches`.
+    """
+    w = max(1, workers)
+    window_batches = max(1, math.ceil(shuffle_window / batch_size))
+    windows_per_worker = math.ceil(math.ceil(batches / w) / window_batches)
+    return (w * windows_per_worker + 1) * window_batches * batch_size
+
+
+def balanced_batches(window_batches: Sequence[int], workers: int) -> int | None:
+    """Batches our loader delivers before its first worker runs out (None if the planner's API changed)."""
+    try:
+        from data_pipes.stream_plan import fresh_streams
+    except ImportError:
+        return None
+    streams = fresh_streams(list(window_batches), max(1, workers))
+    return min(len(s) for s in streams) * len(streams)
+
+
+def per_class_for(src: Path, images_needed: int, margin: float = 1.05) -> int:
     """Train images per class so that the slice holds at least `images_needed` (plus a margin), rounded up to a
     multiple of 10 so that nearby settings share one cache entry."""
     train = src / "train"
@@ -194,10 +217,10 @@ def _proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """CPU time used so far by this process (all threads) and the given worker processes. Unlike images/s, it
-    hardly depends on what else runs on the machine (Linux /proc; elsewhere the workers count 0)."""
-    return time.process_time() + sum(_proc_cpu_seconds(pid) for pid in pids)
+def cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
+    """(CPU time of this process (all threads), CPU time of the given worker processes) used so far. Unlike
+    images/s, these hardly depend on what else runs on the machine (Linux /proc; elsewhere the workers count 0)."""
+    return time.process_time(), sum(_proc_cpu_seconds(pid) for pid in pids)
 
 
 # --- statistics and the table ----------------------------------------------------------------------------------
@@ -211,6 +234,7 @@ class Runs:
     detail: str = ""
     values: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)  # CPU milliseconds per image (main process + workers)
+    worker_ms: list[float] = field(default_factory=list)  # of which in the loader workers
 
     @property
     def median(self) -> float:
@@ -234,12 +258,13 @@ def print_table(title: str, runs: Iterable[Runs], footer: Sequence[str] = ()) ->
     print(title)
     cpu = any(r.cpu_ms for r in runs)
     header = (f"{'runner':<{width}} {'median':>9} {'min':>9} {'max':>9} {'runs':>5}"
-              f"{'  CPU ms/img' if cpu else ''}  notes")
+              f"{'  CPU ms/img (workers)' if cpu else ''}  notes")
     print(header)
     print("-" * len(header))
     for r in runs:
         lo, hi = (min(r.values), max(r.values)) if r.values else (float("nan"),) * 2
-        cpu_ms = f"{statistics.median(r.cpu_ms):12.2f}" if r.cpu_ms else f"{'n/a':>12}"
+        cpu_ms = (f"{statistics.median(r.cpu_ms):12.2f} ({statistics.median(r.worker_ms):5.2f})" if r.cpu_ms
+                  else f"{'n/a':>20}")
         print(f"{r.name:<{width}} {r.median:9.1f} {lo:9.1f} {hi:9.1f} {len(r.values):5d}"
               f"{cpu_ms if cpu else ''}  {r.detail}")
     for line in footer:

@@ -43,7 +43,9 @@ from bench.common import (
     REPO,
     Runs,
     Slice,
+    balanced_batches,
     cpu_seconds,
+    images_needed,
     load_average,
     machine_summary,
     per_class_for,
@@ -59,6 +61,7 @@ GOAL = 1.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+PREFETCH = 4  # batches per worker that ShardDataModule's loader prefetches (its default prefetch_factor)
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,9 @@ class Options:
 
 
 def time_batches(loader: object, batches: Iterator, consume: Callable[[object], int],
-                 opts: Options) -> tuple[float, float]:
-    """(images/s, CPU ms per image of this process and the loader's workers) over `opts.batches` batches after
-    `opts.warmup` untimed ones."""
+                 opts: Options) -> tuple[float, float, float]:
+    """(images/s, CPU ms per image of this process and the loader's workers, of which the workers') over
+    `opts.batches` batches after `opts.warmup` untimed ones."""
     sync = synchronizer(opts.device)
     for _ in range(opts.warmup):
         consume(next(batches))
@@ -107,32 +110,49 @@ def time_batches(loader: object, batches: Iterator, consume: Callable[[object], 
     for _ in range(opts.batches):
         images += consume(next(batches))
     sync()
-    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu_start
-    return images / elapsed, 1000 * cpu / images
+    elapsed, cpu_end = time.perf_counter() - start, cpu_seconds(pids)
+    main_ms, worker_ms = (1000 * (end - begin) / images for begin, end in zip(cpu_start, cpu_end))
+    return images / elapsed, main_ms + worker_ms, worker_ms
 
 
 # --- ours ------------------------------------------------------------------------------------------------------
 
 
-def our_datamodule(setting: AugSetting, opts: Options):
-    """The ShardDataModule train.run builds for this config (same helper, same transforms from conf/aug)."""
+def compose_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=["run_dir=unused", *overrides])
+
+
+def our_datamodule(setting: AugSetting, opts: Options):
+    """The ShardDataModule train.run builds for this config (same helper, same transforms from conf/aug)."""
     import train.run as run
 
-    overrides = [f"data.root={opts.data.shards}", f"data.batch_size={opts.batch_size}",
-                 f"data.num_workers={opts.workers}", f"seed={opts.seed}", "run_dir=unused", *setting.ours]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config([f"data.root={opts.data.shards}", f"data.batch_size={opts.batch_size}",
+                          f"data.num_workers={opts.workers}", f"seed={opts.seed}", *setting.ours])
     data_config = {"input_size": (3, opts.img_size, opts.img_size), "crop_pct": 0.875, "interpolation": "bilinear"}
     return run._build_datamodule(cfg, data_config)
 
 
-def run_ours(setting: AugSetting, opts: Options) -> tuple[float, float]:
+_warned: set[str] = set()
+
+
+def warn_tail(loader, opts: Options) -> None:
+    """Says so when the timed batches reach the epoch's tail, where some of our workers have run out of windows."""
+    balanced = balanced_batches(loader.dataset.window_batches, opts.workers)
+    if balanced is not None and balanced < opts.warmup + opts.batches and "tail" not in _warned:
+        _warned.add("tail")
+        print(f"WARNING: our loader's workers stay evenly loaded for {balanced} batches only, fewer than warm-up + "
+              f"timed ({opts.warmup + opts.batches}); its number is low. Use a larger --src or fewer --batches.")
+
+
+def run_ours(setting: AugSetting, opts: Options) -> tuple[float, float, float]:
     torch.manual_seed(opts.seed)
     loader = our_datamodule(setting, opts).train_dataloader()
     if len(loader) < opts.warmup + opts.batches:
         raise SystemExit(f"our loader has {len(loader)} batches per epoch, fewer than --warmup + --batches")
+    warn_tail(loader, opts)
     device = opts.device
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
@@ -163,7 +183,7 @@ def timm_dataset(kind: str, opts: Options):
                           batch_size=opts.batch_size, seed=opts.seed)
 
 
-def run_timm(kind: str, setting: AugSetting, opts: Options) -> tuple[float, float]:
+def run_timm(kind: str, setting: AugSetting, opts: Options) -> tuple[float, float, float]:
     from timm.data import create_loader
 
     torch.manual_seed(opts.seed)
@@ -225,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 1 or args.batches < 1 or args.repeats < 1:
         raise SystemExit("--warmup, --batches and --repeats must be at least 1")
     device = pick_device(args.device)
-    needed = (args.warmup + args.batches) * args.batch_size
-    data = prepare_slice(args.src, args.cache_dir, train_per_class=per_class_for(args.src, needed, margin=1.3),
+    # Enough images that every worker of ours has its share of the batches, and timm's too (+ prefetched ones).
+    shuffle_window = compose_config([]).data.shuffle_window
+    needed = images_needed(args.warmup + args.batches + PREFETCH * args.workers, args.batch_size, args.workers,
+                           shuffle_window)
+    data = prepare_slice(args.src, args.cache_dir, train_per_class=per_class_for(args.src, needed),
                          upscale=args.upscale, quality=args.quality, workers=max(1, args.workers))
     opts = Options(data, args.img_size, args.batch_size, args.workers, args.warmup, args.batches, device)
     source = f"re-encoded at {args.upscale}px shorter side, JPEG q{args.quality}" if args.upscale else "as stored"
@@ -248,11 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             k = r % len(runners)
             for runs, fn in runners[k:] + runners[:k]:  # rotate the order: no runner always goes first
-                value, cpu_ms = fn()
+                value, cpu_ms, worker_ms = fn()
                 runs.values.append(value)
                 runs.cpu_ms.append(cpu_ms)
+                runs.worker_ms.append(worker_ms)
                 log(f"  repeat {r + 1}/{args.repeats}  {runs.name:<28} {value:9.1f} images/s  {cpu_ms:6.2f} CPU ms/img"
-                    f"  (load avg {load_average()})")
+                    f" ({worker_ms:.2f} in workers)  (load avg {load_average()})")
         peer = max(folder, wds, key=lambda x: x.median)
         results.append((setting, ours, folder, wds, peer))
 

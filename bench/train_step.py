@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -42,7 +41,9 @@ from bench.common import (
     REPO,
     Runs,
     alternate,
+    balanced_batches,
     bf16_mixed,
+    images_needed,
     machine_summary,
     per_class_for,
     pick_device,
@@ -53,6 +54,8 @@ from bench.common import (
 )
 
 TARGET = 0.95
+PREFETCH = 4  # batches per worker that ShardDataModule's loader prefetches (its default prefetch_factor)
+SHUFFLE_WINDOW = 1024  # conf/data/shards.yaml; only sizes the slice (the runs use the composed config)
 
 
 # --- the pipeline ----------------------------------------------------------------------------------------------
@@ -234,6 +237,18 @@ def run_plain(cfg, args: argparse.Namespace, device: torch.device) -> float:
     return images / elapsed
 
 
+def warn_tail(cfg, args: argparse.Namespace) -> None:
+    """Says so when the timed steps reach the epoch's tail, where some loader workers have run out of windows."""
+    import train.run as run
+
+    size = {"input_size": (3, args.img_size, args.img_size), "crop_pct": 0.875, "interpolation": "bilinear"}
+    stream = run._build_datamodule(cfg, size).train_dataloader().dataset
+    balanced = balanced_batches(stream.window_batches, args.workers)
+    if balanced is not None and balanced < args.warmup + args.steps:
+        print(f"WARNING: the loader's workers stay evenly loaded for {balanced} batches only, fewer than warm-up + "
+              f"steps ({args.warmup + args.steps}); both runners are then partly data-bound. Use a larger --src.")
+
+
 def pipeline_detail(cfg) -> str:
     parts = ["Lightning"]
     parts += ["CSV logger + ThroughputMonitor + LR monitor"] if cfg.logger.csv else ["no logger"]
@@ -277,12 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING if args.quiet else logging.INFO)
     warnings.filterwarnings("ignore", message=".*(could not find the monitored key|does not have many workers).*")
-    needed = (args.warmup + args.steps) * args.batch_size
+    # Enough images that every loader worker has its share of the steps (see common.images_needed).
+    needed = images_needed(args.warmup + args.steps + PREFETCH * args.workers, args.batch_size, args.workers,
+                           SHUFFLE_WINDOW)
     data = prepare_slice(args.src, args.cache_dir, train_per_class=per_class_for(args.src, needed),
                          upscale=args.upscale, workers=max(1, args.workers))
-    if data.train_images < math.ceil(needed * 1.05):
-        raise SystemExit(f"{args.src} has {data.train_images} train images; (warm-up + steps) x batch size needs "
-                         f"{needed} and a margin. Use fewer steps or a smaller batch.")
+    if data.train_images < (args.warmup + args.steps) * args.batch_size * 1.05:
+        raise SystemExit(f"{args.src} has {data.train_images} train images, too few for (warm-up + steps) x batch "
+                         f"size = {(args.warmup + args.steps) * args.batch_size}. Use fewer steps or a smaller batch.")
     print(f"machine: {machine_summary(device)}")
     print(f"data: {data.train_images} train images of {data.num_classes} classes from {args.src}"
           f"{f' re-encoded at {args.upscale}px' if args.upscale else ''}; shards {data.shards}")
@@ -290,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         cfg = compose_config(args, data.shards, Path(tmp) / "run", device)
+        warn_tail(cfg, args)
         pipeline = Runs("pipeline (train.run.train)", pipeline_detail(cfg))
         plain = Runs("plain PyTorch loop", "same loader; hand-written step")
         alternate([(pipeline, lambda: run_pipeline(cfg, args, device)),

@@ -33,7 +33,8 @@ def test_two_rank_validation_counts_every_image_once_and_equals_the_single_proce
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = [r for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("val/images")]
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/images")]
     last = rows[-1]
     num_val = json.loads((synthetic_shards / "_info.json").read_text())["splits"]["val"]["num_samples"]
     assert float(last["val/images"]) == num_val  # over both ranks, padding excluded

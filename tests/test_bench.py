@@ -1,0 +1,65 @@
+"""Smoke tests of the speed benchmarks: each runs end to end on tiny settings and ends with its ratio line.
+
+Speed itself is not asserted (that is what the benchmarks are for, on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+RATIO = r"\d+\.\d\dx"
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def test_train_step_runs_pipeline_and_plain_loop_and_prints_the_ratio_last(synthetic_folder, tmp_path, capsys):
+    from bench.train_step import main
+
+    assert main([
+        "--src", str(synthetic_folder), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+        "--model", "mnv3_s_100", "--img-size", "32", "--batch-size", "4", "--warmup", "1", "--steps", "2",
+        "--repeats", "1", "--workers", "0", "--quiet", "--override", "callbacks.progress_bar=false",
+    ]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline (train.run.train)" in out and "plain PyTorch loop" in out
+    assert re.fullmatch(rf"ratio \(pipeline / plain loop\): {RATIO}", last_line(out)), out
+
+
+def test_loader_runs_ours_and_both_timm_variants_and_prints_the_ratio_last(synthetic_folder, tmp_path, capsys):
+    from bench.loader import main
+
+    assert main([
+        "--src", str(synthetic_folder), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+        "--img-size", "32", "--batch-size", "4", "--warmup", "1", "--batches", "2", "--repeats", "1",
+        "--workers", "1", "--upscale", "80", "--quiet",
+    ]) == 0
+    out = capsys.readouterr().out
+    for runner in ("ours (ShardDataModule)", "timm create_loader, folder", "timm create_loader, wds"):
+        assert sum(line.startswith(runner) for line in out.splitlines()) == 2, out  # a row in each setting's table
+    assert "re-encoded at 80px" in out
+    assert re.fullmatch(rf"ratio \(ours / faster timm\): {RATIO} flip, {RATIO} randaug", last_line(out)), out
+
+
+def test_the_slice_is_made_once_and_symlinks_the_photos(synthetic_folder, tmp_path):
+    from bench.common import prepare_slice
+
+    first = prepare_slice(synthetic_folder, tmp_path, train_per_class=3, val_per_class=1)
+    again = prepare_slice(synthetic_folder, tmp_path, train_per_class=3, val_per_class=1)
+    assert first == again and first.train_images == 3 * first.num_classes
+    photos = list((first.images / "train").rglob("*.JPEG"))
+    assert photos and all(p.is_symlink() for p in photos)
+    assert (first.shards / "_info.json").is_file()
+
+
+@pytest.mark.parametrize("argv", [["--warmup", "0"], ["--repeats", "0"]])
+def test_bad_counts_are_refused(argv):
+    from bench.loader import main as loader_main
+    from bench.train_step import main as train_main
+
+    for main in (loader_main, train_main):
+        with pytest.raises(SystemExit):
+            main(argv)
