@@ -54,8 +54,12 @@ def bf16_mixed(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine_summary(device: torch.device) -> str:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = usable_cpus()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

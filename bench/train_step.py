@@ -6,7 +6,7 @@ loop on the same model, batch size, shards and augmentation, in one run.
 
 pipeline:   the config composed from conf/ with Hydra's compose API (export and W&B off, validation off, one
             epoch of warm-up + timed steps), run by `train.run.train(cfg)`. A timing callback is added to the
-            callbacks train.run builds (see `extra_callbacks`); everything else is exactly the training run.
+            Trainer's callbacks (`train(cfg, callbacks=[...])`); everything else is exactly the training run.
 plain loop: the same `ShardDataModule` train loader (so the data and the augmentation are identical; what differs
             is the loop), `.to(device)`, normalise on the device, channels_last, timm AdamW (`create_optimizer_v2`,
             no weight decay on norm/bias, like the pipeline), label-smoothed cross-entropy, backward, step, the
@@ -27,8 +27,8 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, redirect_stdout
+from collections.abc import Callable
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from bench.common import (
     print_table,
     stop_workers,
     synchronizer,
+    usable_cpus,
 )
 
 TARGET = 0.95
@@ -84,30 +85,10 @@ class StepTimer(Callback):
     def images_per_second(self) -> float:
         if self.start is None or self.end is None:
             raise RuntimeError(
-                "the timing callback did not see the timed steps: train.run no longer passes the callbacks of "
-                "train.callbacks.build_callbacks to its Trainer (see extra_callbacks in bench/train_step.py)"
+                "the timing callback did not see the timed steps: train.run.train(cfg, callbacks=...) no longer "
+                "hands its callbacks to the Trainer"
             )
         return self.images / (self.end - self.start)
-
-
-@contextmanager
-def extra_callbacks(callbacks: Sequence[Callback]) -> Iterator[None]:
-    """Adds `callbacks` to the Trainer that `train.run.train` builds, by wrapping the `build_callbacks` it calls.
-
-    A keyword `train(cfg, callbacks=...)` in train/run.py would make this unnecessary (see bench/README.md).
-    """
-    import train.run as run
-
-    original = run.build_callbacks
-
-    def with_extra(*args: Any, **kwargs: Any) -> list[Callback]:
-        return [*original(*args, **kwargs), *callbacks]
-
-    run.build_callbacks = with_extra
-    try:
-        yield
-    finally:
-        run.build_callbacks = original
 
 
 def compose_config(args: argparse.Namespace, shards: Path, run_dir: Path, device: torch.device):
@@ -138,8 +119,8 @@ def run_pipeline(cfg, args: argparse.Namespace, device: torch.device) -> float:
 
     timer = StepTimer(args.warmup, args.steps, synchronizer(device))
     # Lightning's progress bar writes to stdout; it goes to stderr here so that stdout holds only the results.
-    with extra_callbacks([timer]), redirect_stdout(sys.stderr):
-        train(cfg)
+    with redirect_stdout(sys.stderr):
+        train(cfg, callbacks=[timer])
     gc.collect()  # the trainer's loader workers go with it
     return timer.images_per_second()
 
@@ -260,6 +241,17 @@ def pipeline_detail(cfg) -> str:
 # --- main ------------------------------------------------------------------------------------------------------
 
 
+def training_threads(requested: int | None, workers: int, device: torch.device) -> int:
+    """On the CPU, torch's default (one thread per core) plus the loader workers oversubscribes the cores; with
+    other load on the machine its OpenMP threads then wait for each other at every op and a step can take 20x
+    longer (seen on a 2-core machine). Both runners use the same setting, so the comparison stays fair."""
+    if requested:
+        return requested
+    if device.type == "cuda":
+        return torch.get_num_threads()
+    return max(1, usable_cpus() - workers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (default: 2)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda (default: auto)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads of the training process, for both runners (default: torch's)")
+                   help="torch intra-op threads of the training process, for both runners (default: on the CPU, the "
+                        "usable CPUs minus the loader workers, at least 1; on a GPU, torch's default)")
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="ImageNet-layout folder (default: %(default)s)")
     p.add_argument("--upscale", type=int, default=None, metavar="PX",
                    help="re-encode the slice with this shorter side (emulates ImageNet photo sizes)")
@@ -288,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         raise SystemExit("--warmup, --steps and --repeats must be at least 1")
     device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(training_threads(args.threads, args.workers, device))
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING if args.quiet else logging.INFO)
     warnings.filterwarnings("ignore", message=".*(could not find the monitored key|does not have many workers).*")
     # Enough images that every loader worker has its share of the steps (see common.images_needed).
