@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, WeightAveraging
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ThroughputMonitor,
+    TQDMProgressBar,
+    WeightAveraging,
+)
 from torch import Tensor
 
 
@@ -61,7 +67,7 @@ def image_count(batch: dict[str, Any]) -> int:
 
 def build_callbacks(
     run_dir: Path, *, every_n_train_steps: int, save_top_k: int, lr_monitor: bool, ema_decay: float | None,
-    ema_warmup: bool, record: RunRecord, has_logger: bool,
+    ema_warmup: bool, record: RunRecord, has_logger: bool, progress_refresh: int | None,
 ) -> list[Callback]:
     checkpoints = run_dir / "checkpoints"
     # Both write the same last.ckpt (every N steps, and after each validation), so `ckpt_path=last` always finds
@@ -73,6 +79,9 @@ def build_callbacks(
                         save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
         record,
     ]
+    if progress_refresh:
+        # Refreshing reads the loss from the device: once per logging interval, not every step.
+        callbacks.append(TQDMProgressBar(refresh_rate=progress_refresh))
     if has_logger:
         callbacks.append(ThroughputMonitor(batch_size_fn=image_count))
         if lr_monitor:

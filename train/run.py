@@ -64,7 +64,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
     run_callbacks = build_callbacks(run_dir, every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps,
                                 save_top_k=cfg.callbacks.checkpoint.save_top_k, lr_monitor=cfg.callbacks.lr_monitor,
                                 ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup, record=record,
-                                has_logger=bool(loggers))
+                                has_logger=bool(loggers),
+                                progress_refresh=cfg.trainer.log_every_n_steps if cfg.callbacks.progress_bar else None)
     trainer = L.Trainer(**_trainer_kwargs(cfg), default_root_dir=run_dir, logger=loggers or False,
                         callbacks=[*run_callbacks, *datamodule.callbacks(), *callbacks],
                         enable_progress_bar=cfg.callbacks.progress_bar, plugins=[AtomicCheckpointIO()])
