@@ -56,6 +56,7 @@ from bench.common import (
     synchronizer,
     worker_pids,
 )
+from train.normalize import normalize_images
 
 GOAL = 1.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -154,13 +155,12 @@ def run_ours(setting: AugSetting, opts: Options) -> tuple[float, float, float]:
         raise SystemExit(f"our loader has {len(loader)} batches per epoch, fewer than --warmup + --batches")
     warn_tail(loader, opts)
     device = opts.device
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(IMAGENET_MEAN, device=device) * 255
+    std = torch.tensor(IMAGENET_STD, device=device) * 255
 
     def consume(batch: dict) -> int:
         # What ImageClassifier.on_after_batch_transfer does after Lightning moved the batch to the device.
-        images = batch["image"].to(device, non_blocking=True).to(memory_format=torch.channels_last).float()
-        images.sub_(mean).div_(std)
+        images = normalize_images(batch["image"].to(device, non_blocking=True), mean, std, torch.channels_last)
         batch["target"].to(device, non_blocking=True)
         return images.size(0)
 

@@ -1,10 +1,11 @@
 """Train and eval transforms: `bytes -> np.uint8 [S, S, 3]` RGB, picklable, one call per sample.
 
 Train = fused decode + Inception crop (data_pipes.decode: the random-resized-crop box is drawn on the header
-geometry and only that box is decoded, DCT-reduced when it is large), then an albumentations pipeline on the
-S x S image: horizontal flip -> AutoAugment | RandAugment -> colour jitter -> random erasing (timm's order).
-Eval = decode (DCT-reduced when possible) + resize shorter side to int(S / crop_pct) + centre crop S, fused
-into one resample of the kept region.
+geometry, the JPEG decoded DCT-reduced when the box is large, and only the box resampled to S x S), then an
+albumentations pipeline on the S x S image: horizontal flip -> AutoAugment | RandAugment -> colour jitter ->
+random erasing (timm's order).
+Eval = decode (DCT-reduced when possible) + resize shorter side to int(S / crop_pct) + centre crop S (timm's eval
+transform).
 
 albumentations 2.0.x is its last MIT release (its successor is AGPL), so this is the only module that imports it;
 swapping the engine means rewriting this file only. albumentations has no AutoAugment/RandAugment, and its stock
@@ -45,6 +46,7 @@ albumentations' PIL-mode equalize uses an inclusive histogram cumsum (PIL's is e
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -57,7 +59,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipes.decode import INTERPOLATIONS, center_crop_box, crop_resize, open_image, random_resized_box
+from data_pipes.decode import INTERPOLATIONS, center_crop, crop_resize, eval_resize_size, open_image, random_resized_box
 
 # albumentations queries PyPI on every import (2 s timeout, in every spawned worker too) and advises upgrading,
 # which here would mean its AGPL successor; pinned at 2.0.x, the check is only a cost.
@@ -585,7 +587,7 @@ class TrainTransform:
     albumentations transform, and albumentations' python one) from that draw and the rank. Hence DataLoader workers
     (each torch-seeded base_seed + worker id) never repeat each other, torch.manual_seed / seed_everything makes
     runs reproducible, data_pipes.stream's per-batch torch re-seeding makes a resumed batch augment identically,
-    and DDP ranks that share a seed still augment differently. Costs ~20 us per call.
+    and DDP ranks that share a seed still augment differently. Costs ~13 us per call.
     """
 
     def __init__(
@@ -601,7 +603,6 @@ class TrainTransform:
         self.scale = scale
         self.ratio = ratio
         self.interpolation = interpolation
-        self._resample = _resample(interpolation)
         self.pipeline = pipeline
         self.dct_reduce = dct_reduce
         self._rng = np.random.default_rng(0)
@@ -613,23 +614,30 @@ class TrainTransform:
 
     def _reseed_from_torch(self) -> None:
         draw = int(torch.randint(0, 2**62, ()).item())
+        # PCG64's raw state and stream set from a hash of (draw, rank): a SeedSequence would cost 10 us per image.
         # In place, so the generators the albumentations transforms hold see the new state without a tree walk.
-        self._rng.bit_generator.state = np.random.PCG64([draw, _rank()]).state
+        digest = hashlib.blake2b(f"{draw},{_rank()}".encode(), digest_size=32).digest()
+        self._rng.bit_generator.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": int.from_bytes(digest[:16], "little"), "inc": int.from_bytes(digest[16:], "little") | 1},
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
         self._py_rng.seed(int(self._rng.integers(2**62)))
 
     def __call__(self, data: bytes) -> np.ndarray:
         self._reseed_from_torch()
         img = open_image(data)
         box = random_resized_box(img.width, img.height, self.scale, self.ratio, self._rng)
-        out = crop_resize(img, box, self.img_size, self._pick_resample(), reduce=self.dct_reduce)
+        out = crop_resize(img, box, self.img_size, self._pick_interpolation(), reduce=self.dct_reduce)
         if self.pipeline is not None:
             out = self.pipeline(image=out)["image"]
         return _writable(out)
 
-    def _pick_resample(self) -> Image.Resampling:
-        if self._resample is not None:
-            return self._resample
-        return INTERPOLATIONS[_RANDOM_INTERP[int(self._rng.integers(2))]]
+    def _pick_interpolation(self) -> str:
+        if self.interpolation != "random":
+            return self.interpolation
+        return _RANDOM_INTERP[int(self._rng.integers(2))]
 
     def __repr__(self) -> str:
         return (f"TrainTransform(img_size={self.img_size}, scale={self.scale}, ratio={self.ratio}, "
@@ -637,23 +645,20 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """`bytes -> np.uint8 [S, S, 3]`: timm's eval resize + centre crop as one resample of the kept region."""
+    """`bytes -> np.uint8 [S, S, 3]`: timm's eval resize + centre crop, from a DCT-reduced decode where possible."""
 
     def __init__(self, img_size: int, crop_pct: float, interpolation: str, dct_reduce: bool = True):
-        resample = _resample(interpolation)
-        if resample is None:
+        if _resample(interpolation) is None:
             raise ValueError("eval interpolation must be deterministic, not 'random'")
-        center_crop_box(img_size, img_size, img_size, crop_pct)  # validates crop_pct now, not per sample
+        eval_resize_size(img_size, img_size, img_size, crop_pct)  # validates crop_pct now, not per sample
         self.img_size = img_size
         self.crop_pct = crop_pct
         self.interpolation = interpolation
-        self._resample = resample
         self.dct_reduce = dct_reduce
 
     def __call__(self, data: bytes) -> np.ndarray:
-        img = open_image(data)
-        box = center_crop_box(img.width, img.height, self.img_size, self.crop_pct)
-        return _writable(crop_resize(img, box, self.img_size, self._resample, reduce=self.dct_reduce))
+        out = center_crop(open_image(data), self.img_size, self.crop_pct, self.interpolation, reduce=self.dct_reduce)
+        return _writable(out)
 
     def __repr__(self) -> str:
         return (f"EvalTransform(img_size={self.img_size}, crop_pct={self.crop_pct}, "

@@ -4,11 +4,17 @@ Samples carry the source file's bytes unchanged (see docs/architecture.md), so w
 arrives here: baseline and progressive JPEGs, grayscale and CMYK JPEGs, PNGs named ``.JPEG``, tiny images,
 and the odd broken file. Everything that cannot become an RGB image raises `BadImage` with the reason.
 
-Speed comes from never decoding pixels that the crop throws away: the crop box is chosen on the full-size
-geometry read from the header alone, then a JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8, via
-`PIL.Image.draft`) that still leaves the box at least as large as the output, and only the box is resampled
-(`Image.resize(box=...)`, one pass, no intermediate crop). For the usual ImageNet photo (~500x375) and a
-random-resized crop this skips most of the IDCT work; for a full-size eval crop at 224 it decodes at 1/2.
+Where the time goes, and what is done about it (per-image costs in bench/README.md):
+- JPEGs in YCbCr, RGB or grayscale (all but a few dozen ImageNet files) are decoded by libjpeg-turbo through
+  simplejpeg, straight to RGB and ~1.5-3x faster than through PIL; everything else (CMYK, PNG, odd modes) and any
+  JPEG that libjpeg-turbo only decodes with warnings goes through PIL, which gives the verdict.
+- The crop box is chosen on the geometry read from the header alone, and a JPEG is decoded at the largest DCT
+  reduction (1/2, 1/4, 1/8; the other M/8 scalings are slower than a full decode) that still leaves the kept
+  region at least as large as the output.
+- Resampling matches PIL's filters (the ones timm's transforms use): upscaling bilinear through OpenCV
+  (identical filter, at most 1 grey level of rounding apart), everything bilinear/bicubic that shrinks through
+  torch's antialiased uint8 kernels (PIL's filter support, bit-for-bit within 1-2 levels), each several times
+  faster than PIL's own resize; nearest through OpenCV's exact nearest; lanczos, box and hamming through PIL.
 """
 
 from __future__ import annotations
@@ -17,20 +23,26 @@ import io
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
+import simplejpeg
+import torch
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "BadImage",
     "Box",
+    "Encoded",
     "INTERPOLATIONS",
-    "center_crop_box",
+    "center_crop",
     "crop_resize",
-    "decode_rgb",
     "dct_reduction",
+    "decode_rgb",
+    "eval_resize_size",
     "load_region",
     "open_image",
     "random_resized_box",
+    "resize",
 ]
 
 INTERPOLATIONS: dict[str, Image.Resampling] = {
@@ -46,8 +58,9 @@ _JPEG_MAGIC = b"\xff\xd8"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOS = b"\xff\xda"
 _JPEG_EOI = b"\xff\xd9"
-# Modes PIL resamples natively; anything else (palette, alpha, 16-bit) is made RGB before resampling.
-_RESAMPLE_MODES = frozenset({"RGB", "L", "CMYK"})
+# JPEG colour spaces libjpeg-turbo turns into RGB exactly as PIL does; CMYK/YCCK (Adobe's inverted ink values)
+# are left to PIL, which knows Adobe's convention.
+_TURBO_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
 # Errors PIL raises on corrupt data (OSError covers "image file is truncated" and libjpeg errors).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, Image.DecompressionBombError)
 
@@ -68,15 +81,47 @@ class Box:
     def scaled(self, factor: float) -> Box:
         return Box(self.left * factor, self.top * factor, self.width * factor, self.height * factor)
 
-    def as_pil(self) -> tuple[float, float, float, float]:
-        return (self.left, self.top, self.left + self.width, self.top + self.height)
+    def pixels(self, width: int, height: int) -> tuple[slice, slice]:
+        """(rows, cols) of the whole pixels nearest to the box, at least one, inside a width x height image."""
+        left = min(max(int(round(self.left)), 0), width - 1)
+        top = min(max(int(round(self.top)), 0), height - 1)
+        right = min(max(int(round(self.left + self.width)), left + 1), width)
+        bottom = min(max(int(round(self.top + self.height)), top + 1), height)
+        return slice(top, bottom), slice(left, right)
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Parse the header only (no pixels decoded yet); reject bytes that cannot be a complete image."""
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    """Sample bytes with their geometry read from the header alone (no pixels decoded yet).
+
+    `pil` is the header-parsed PIL image for what PIL decodes; None for a JPEG that libjpeg-turbo decodes.
+    """
+
+    data: bytes
+    width: int
+    height: int
+    is_jpeg: bool
+    pil: Image.Image | None = None
+
+
+def open_image(data: bytes) -> Encoded:
+    """Parse the header only; reject bytes that cannot be a complete image."""
     if not data:
         raise BadImage("empty sample (0 bytes)")
     _reject_truncated(data)
+    if data.startswith(_JPEG_MAGIC):
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            pass  # PIL has the last word on what this is
+        else:
+            if colorspace in _TURBO_COLORSPACES:
+                return Encoded(data, width, height, is_jpeg=True)
+    img = _open_pil(data)
+    return Encoded(data, img.width, img.height, is_jpeg=img.format in ("JPEG", "MPO"), pil=img)
+
+
+def _open_pil(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
@@ -95,6 +140,9 @@ def _reject_truncated(data: bytes) -> None:
             raise BadImage(f"truncated JPEG: no end-of-image marker after the last scan ({len(data)} bytes)")
     elif data.startswith(_PNG_MAGIC) and data.rfind(b"IEND") < 0:
         raise BadImage(f"truncated PNG: no IEND chunk ({len(data)} bytes)")
+
+
+# --- crop geometry ---------------------------------------------------------------------------------------------
 
 
 def random_resized_box(
@@ -130,95 +178,123 @@ def _central_box_within_ratio(width: int, height: int, ratio: tuple[float, float
     return Box((width - w) // 2, (height - h) // 2, w, h)
 
 
-def center_crop_box(width: int, height: int, img_size: int, crop_pct: float) -> Box:
-    """The source region that timm's eval transform keeps: shorter side resized to int(img_size / crop_pct),
-    then a centred img_size square (same integer rounding as torchvision's Resize + CenterCrop)."""
+def eval_resize_size(width: int, height: int, img_size: int, crop_pct: float) -> tuple[int, int]:
+    """(width, height) after timm's eval resize: shorter side to int(img_size / crop_pct), aspect kept with
+    torchvision's `Resize(int)` rounding."""
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     short = int(img_size / crop_pct)
     if width <= height:
-        new_w, new_h = short, int(short * height / width)
-    else:
-        new_w, new_h = int(short * width / height), short
-    sx, sy = new_w / width, new_h / height
-    left = int(round((new_w - img_size) / 2.0))
-    top = int(round((new_h - img_size) / 2.0))
-    return Box(left / sx, top / sy, img_size / sx, img_size / sy)
+        return short, int(short * height / width)
+    return int(short * width / height), short
 
 
 def dct_reduction(box: Box, out_size: int) -> int:
     """Largest JPEG DCT reduction (8, 4, 2 or 1) that keeps the box at least `out_size` on both sides."""
+    return _reduction(box.width, box.height, out_size, out_size)
+
+
+def _reduction(width: float, height: float, out_width: int, out_height: int) -> int:
     for factor in (8, 4, 2):
-        if box.width / factor >= out_size and box.height / factor >= out_size:
+        if width / factor >= out_width and height / factor >= out_height:
             return factor
     return 1
 
 
-def load_region(img: Image.Image, box: Box, out_size: int, *, reduce: bool = True) -> tuple[Image.Image, Box]:
-    """Decode the pixels, DCT-reduced when the box allows; returns the image and the box in its coordinates.
+# --- decoding --------------------------------------------------------------------------------------------------
 
-    Kept separate from `crop_resize` so tests can see the size that was actually decoded.
-    """
-    factor = dct_reduction(box, out_size) if reduce and img.format in ("JPEG", "MPO") else 1
-    if factor > 1:
-        # draft() picks the largest scale s with size // request >= s, so asking for size // factor gives
-        # exactly `factor`; the decoded image then covers the original at 1/factor (last block rounded up).
-        # It returns None (and decodes at full size) when it cannot scale, e.g. on a second call.
-        full_width = img.width
+
+def _decode(src: Encoded, factor: int) -> tuple[np.ndarray, int]:
+    """RGB uint8 [H, W, 3] decoded at 1/factor where the format allows; returns the factor actually used."""
+    if src.pil is None:
+        try:
+            # strict: a JPEG that decodes only with warnings (corrupt data libjpeg papers over) goes to PIL.
+            arr = simplejpeg.decode_jpeg(src.data, "RGB", min_height=-(-src.height // factor),
+                                         min_width=-(-src.width // factor), strict=True)
+            return arr, round(src.width / arr.shape[1])
+        except ValueError:
+            pass
+    return _decode_pil(src, factor)
+
+
+def _decode_pil(src: Encoded, factor: int) -> tuple[np.ndarray, int]:
+    img = src.pil if src.pil is not None else _open_pil(src.data)
+    if factor > 1 and img.format in ("JPEG", "MPO"):
+        # draft() picks the largest scale s with size // request >= s, so asking for size // factor gives exactly
+        # `factor`; it returns None (and decodes at full size) when it cannot scale, e.g. on a second call.
         drafted = img.draft(img.mode, (img.width // factor, img.height // factor))
-        factor = 1 if drafted is None else round(full_width / drafted[1][2])
-    _load(img)
-    return img, _clamp(box.scaled(1.0 / factor), img.width, img.height)
-
-
-def _load(img: Image.Image) -> None:
+        factor = 1 if drafted is None else round(src.width / drafted[1][2])
+    else:
+        factor = 1
     try:
         img.load()
+        return np.array(_to_rgb(img)), factor  # a writable copy: PIL's arrays are read-only
     except _DECODE_ERRORS as e:
         raise BadImage(f"corrupt {img.format or 'image'} data: {e}") from e
 
 
-def _clamp(box: Box, width: int, height: int) -> Box:
-    left, top = min(max(box.left, 0.0), width - 1.0), min(max(box.top, 0.0), height - 1.0)
-    right, bottom = min(box.left + box.width, float(width)), min(box.top + box.height, float(height))
-    return Box(left, top, max(right - left, 1e-3), max(bottom - top, 1e-3))
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16"):
+        # PIL's convert clips 16-bit values at 255 instead of scaling them.
+        return Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+    return img.convert("RGB")
 
 
-def crop_resize(
-    img: Image.Image,
-    box: Box,
-    out_size: int,
-    resample: Image.Resampling,
-    *,
-    reduce: bool = True,
-) -> np.ndarray:
-    """Decode `box` of a header-only image to uint8 [out_size, out_size, 3] RGB (upscaling small boxes)."""
-    img, region = load_region(img, box, out_size, reduce=reduce)
-    img = _resamplable(img)
-    out = img.resize((out_size, out_size), resample, box=region.as_pil())
-    if out.mode != "RGB":
-        # Converting after the resize touches out_size^2 pixels instead of the whole decoded image.
-        out = out.convert("RGB")
-    return np.asarray(out)
+def load_region(src: Encoded, box: Box, out_size: int, *, reduce: bool = True) -> tuple[np.ndarray, Box]:
+    """Decode the pixels, DCT-reduced when the box allows; returns the RGB array and the box in its coordinates.
+
+    Kept separate from `crop_resize` so tests can see the size that was actually decoded.
+    """
+    factor = dct_reduction(box, out_size) if reduce and src.is_jpeg else 1
+    arr, factor = _decode(src, factor)
+    return arr, box.scaled(1.0 / factor)
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
     """Full-size decode to uint8 [H, W, 3] RGB, for consumers that need the whole image."""
-    img = open_image(data)
-    _load(img)
-    img = _resamplable(img)
-    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    return _decode(open_image(data), 1)[0]
 
 
-def _resamplable(img: Image.Image) -> Image.Image:
-    if img.mode in _RESAMPLE_MODES:
-        return img
-    try:
-        if img.mode.startswith("I;16"):
-            # PIL's convert clips 16-bit values at 255 instead of scaling them.
-            return Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
-        return img.convert("RGB")
-    except _DECODE_ERRORS as e:
-        raise BadImage(f"cannot convert mode {img.mode} to RGB: {e}") from e
+# --- resampling ------------------------------------------------------------------------------------------------
+
+
+def resize(img: np.ndarray, width: int, height: int, interpolation: str) -> np.ndarray:
+    """uint8 [h, w, 3] (any row stride) -> C-contiguous [height, width, 3] with PIL's filter of that name."""
+    h, w = img.shape[:2]
+    if (h, w) == (height, width):
+        return np.ascontiguousarray(img)
+    if interpolation in ("bilinear", "bicubic") and not (interpolation == "bilinear" and h <= height and w <= width):
+        # Shrinking (or bicubic): PIL's antialiased filters. Given a channels-last-contiguous input, torch's uint8
+        # kernel writes a channels-last output, i.e. an HWC array without a transposing copy (2x faster in all).
+        x = torch.from_numpy(img if img.flags.writeable else img.copy()).permute(2, 0, 1).unsqueeze(0)
+        x = x.contiguous(memory_format=torch.channels_last)
+        out = torch.nn.functional.interpolate(x, size=(height, width), mode=interpolation, antialias=True)
+        return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+    if interpolation == "bilinear":  # only enlarging: PIL's triangle filter is plain bilinear there
+        return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+    if interpolation == "nearest":
+        return cv2.resize(img, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((width, height), INTERPOLATIONS[interpolation]))
+
+
+def crop_resize(src: Encoded, box: Box, out_size: int, interpolation: str, *, reduce: bool = True) -> np.ndarray:
+    """Decode `box` of a header-only image to uint8 [out_size, out_size, 3] RGB (upscaling small boxes)."""
+    arr, region = load_region(src, box, out_size, reduce=reduce)
+    rows, cols = region.pixels(arr.shape[1], arr.shape[0])
+    return resize(arr[rows, cols], out_size, out_size, interpolation)
+
+
+def center_crop(src: Encoded, img_size: int, crop_pct: float, interpolation: str, *, reduce: bool = True) -> np.ndarray:
+    """timm's eval transform: resize the shorter side to int(img_size / crop_pct), then the centred img_size
+    square (torchvision's rounding), from a DCT-reduced decode where the resized size allows."""
+    new_w, new_h = eval_resize_size(src.width, src.height, img_size, crop_pct)
+    factor = _reduction(src.width, src.height, new_w, new_h) if reduce and src.is_jpeg else 1
+    resized = resize(_decode(src, factor)[0], new_w, new_h, interpolation)
+    top, left = int(round((new_h - img_size) / 2.0)), int(round((new_w - img_size) / 2.0))
+    return np.ascontiguousarray(resized[top: top + img_size, left: left + img_size])

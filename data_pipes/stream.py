@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import groupby
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -288,6 +289,12 @@ def _collate(images: list, targets: list, keys: list, valid: list, bad_keys: lis
     }
 
 
+def _single_threaded_worker(worker_id: int) -> None:
+    # torch runs one thread per loader worker; OpenCV (resizes, albumentations kernels) would otherwise start a
+    # thread pool per worker sized to the whole machine, and the workers' pools then fight over the cores.
+    cv2.setNumThreads(0)
+
+
 class ShardLoader(DataLoader):
     """A DataLoader over a `ShardStream` (`batch_size=None`: workers collate) that positions every iteration.
 
@@ -313,6 +320,7 @@ class ShardLoader(DataLoader):
             pin_memory=pin_memory,
             persistent_workers=persistent_workers and num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            worker_init_fn=_single_threaded_worker,
         )
         self._position = position
         self._epoch = 0

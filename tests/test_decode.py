@@ -10,18 +10,20 @@ import pytest
 from PIL import Image, ImageFile
 
 from data_pipes.decode import (
+    INTERPOLATIONS,
     BadImage,
     Box,
-    center_crop_box,
     crop_resize,
     dct_reduction,
     decode_rgb,
+    eval_resize_size,
     load_region,
     open_image,
     random_resized_box,
+    resize,
 )
 
-BILINEAR = Image.Resampling.BILINEAR
+BILINEAR = "bilinear"
 
 
 def _encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
@@ -52,22 +54,22 @@ def _real_jpeg(root: Path) -> bytes:
 def test_large_box_is_decoded_at_reduced_dct_scale(large_jpeg):
     # Full image (shorter side 1500) into 224: 1/4 keeps 375 >= 224, 1/8 would give 187 < 224.
     img, region = load_region(open_image(large_jpeg), Box(0, 0, 2000, 1500), 224)
-    assert img.size == (500, 375)
+    assert img.shape == (375, 500, 3)
     assert region == Box(0.0, 0.0, 500.0, 375.0)
     img, region = load_region(open_image(large_jpeg), Box(400, 300, 600, 500), 224)
-    assert img.size == (1000, 750)
+    assert img.shape == (750, 1000, 3)
     assert region == Box(200.0, 150.0, 300.0, 250.0)
 
 
 def test_box_smaller_than_twice_the_output_is_decoded_at_full_size(large_jpeg):
     img, _ = load_region(open_image(large_jpeg), Box(100, 100, 300, 447), 224)
-    assert img.size == (2000, 1500)
+    assert img.shape == (1500, 2000, 3)
     assert dct_reduction(Box(0, 0, 447, 2000), 224) == 1
 
 
 def test_reduction_can_be_switched_off(large_jpeg):
     img, _ = load_region(open_image(large_jpeg), Box(0, 0, 2000, 1500), 224, reduce=False)
-    assert img.size == (2000, 1500)
+    assert img.shape == (1500, 2000, 3)
 
 
 @pytest.mark.parametrize("box", [Box(0, 0, 2000, 1500), Box(130, 240, 1100, 900), Box(1500, 1000, 480, 500)])
@@ -96,7 +98,7 @@ def test_cmyk_jpeg_decodes_to_rgb_like_pil():
     # The reduced-and-resized path converts after resampling; colours must still agree.
     small = crop_resize(open_image(data), Box(0, 0, 640, 480), 120, BILINEAR)
     assert small.shape == (120, 120, 3)
-    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((120, 120), BILINEAR), dtype=int)
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((120, 120), Image.BILINEAR), dtype=int)
     assert np.abs(small.astype(int) - reference).mean() < 3.0
 
 
@@ -115,7 +117,7 @@ def test_png_bytes_decode_to_rgb(mode):
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     if mode == "I;16":
         # 16-bit samples are scaled to 8 bits, not clipped to white.
-        expected = np.asarray(base.convert("L").resize((32, 32), BILINEAR), dtype=int)
+        expected = np.asarray(base.convert("L").resize((32, 32), Image.BILINEAR), dtype=int)
         assert np.abs(out[..., 0].astype(int) - expected).mean() < 2.0
 
 
@@ -184,4 +186,46 @@ def test_random_resized_box_falls_back_to_the_central_box_with_allowed_ratio():
 
 def test_center_crop_box_rejects_crop_pct_outside_unit_interval():
     with pytest.raises(ValueError, match="crop_pct"):
-        center_crop_box(500, 375, 224, 1.2)
+        eval_resize_size(500, 375, 224, 1.2)
+
+
+def test_libjpeg_turbo_and_pil_decode_the_same_pixels(large_jpeg):
+    src = open_image(large_jpeg)
+    assert src.pil is None  # the fast path took it
+    fast = decode_rgb(large_jpeg).astype(int)
+    pil = np.asarray(Image.open(io.BytesIO(large_jpeg)).convert("RGB"), dtype=int)
+    assert fast.shape == pil.shape
+    assert np.abs(fast - pil).max() <= 1
+
+
+def test_cmyk_and_png_are_left_to_pil():
+    cmyk = _encode(_photo_like(64, 48).convert("CMYK"))
+    png = _encode(_photo_like(64, 48), "PNG")
+    assert open_image(cmyk).pil is not None and open_image(cmyk).is_jpeg
+    assert open_image(png).pil is not None and not open_image(png).is_jpeg
+
+
+def test_jpeg_that_libjpeg_decodes_only_with_warnings_falls_back_to_pil():
+    data = _encode(_photo_like(64, 48))
+    dqt = data.find(b"\xff\xdb")
+    # Stray bytes before a marker: libjpeg warns "extraneous bytes before marker" and decodes; PIL accepts it.
+    odd = data[:dqt] + b"\x00\x00\x00" + data[dqt:]
+    expected = np.asarray(Image.open(io.BytesIO(odd)).convert("RGB"))
+    assert np.array_equal(decode_rgb(odd), expected)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest", "lanczos"])
+@pytest.mark.parametrize("size", [(90, 70), (224, 224), (400, 333)], ids=["shrink", "same", "enlarge"])
+def test_resize_matches_pil_filters(interpolation, size):
+    img = np.asarray(_photo_like(251, 199))
+    crop = img[13:213, 7:230]  # a strided view, as crops are
+    out = resize(crop, *size, interpolation)
+    ref = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(size, INTERPOLATIONS[interpolation]))
+    assert out.shape == ref.shape and out.flags.c_contiguous and out.dtype == np.uint8
+    diff = np.abs(out.astype(int) - ref)
+    assert diff.mean() < 0.5 and diff.max() <= 2
+
+
+def test_resize_rejects_an_unknown_filter():
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        resize(np.zeros((8, 8, 3), np.uint8), 4, 4, "area")
