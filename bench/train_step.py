@@ -232,7 +232,7 @@ def warn_tail(cfg, args: argparse.Namespace) -> None:
 
 def pipeline_detail(cfg) -> str:
     parts = ["Lightning"]
-    parts += ["CSV logger + ThroughputMonitor + LR monitor"] if cfg.logger.csv else ["no logger"]
+    parts += ["CSV logger + ThroughputLogger + LR monitor"] if cfg.logger.csv else ["no logger"]
     parts += ["progress bar"] if cfg.callbacks.progress_bar else []
     parts += [f"EMA {cfg.ema.decay}"] if cfg.ema.decay else []
     return ", ".join(parts)

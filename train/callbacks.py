@@ -12,11 +12,12 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
-    ThroughputMonitor,
     TQDMProgressBar,
     WeightAveraging,
 )
 from torch import Tensor
+
+from train.throughput import ThroughputLogger
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -83,7 +84,7 @@ def build_callbacks(
         # Refreshing reads the loss from the device: once per logging interval, not every step.
         callbacks.append(TQDMProgressBar(refresh_rate=progress_refresh))
     if has_logger:
-        callbacks.append(ThroughputMonitor(batch_size_fn=image_count))
+        callbacks.append(ThroughputLogger(batch_size_fn=image_count))
         if lr_monitor:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
     if ema_decay is not None:

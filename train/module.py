@@ -59,7 +59,7 @@ class ImageClassifier(LightningModule):
         self.val_acc5_best = MaxMetric()
         for best in (self.val_acc1_best, self.val_acc5_best):
             best.persistent(True)  # a resumed run keeps its best so far
-        # ThroughputMonitor reads this to report FLOP/s: forward + backward ~ 3x the forward's 2 FLOPs per MAC.
+        # ThroughputLogger reports FLOP/s from flops_per_batch: forward + backward ~ 3x the forward (2 FLOPs/MAC).
         self.flops_per_image = None if macs_per_image is None else 6 * macs_per_image
         self.flops_per_batch: float | None = None
         if channels_last:
