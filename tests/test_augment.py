@@ -15,12 +15,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data_pipes import augment
 from data_pipes.augment import (
     PolicyOp,
     RandAugmentConfig,
+    TrainTransform,
     build_eval_transform,
     build_train_transform,
+    policies,
+    policy_ops,
     randaugment_ops,
 )
 
@@ -120,7 +122,7 @@ def test_eval_transform_with_dct_reduction_stays_close_to_the_full_decode():
     assert np.abs(reduced - full).mean() < 1.5
 
 
-def _no_crop(**kw) -> augment.TrainTransform:
+def _no_crop(**kw) -> TrainTransform:
     return build_train_transform(224, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), hflip=0.0, **kw)
 
 
@@ -157,7 +159,7 @@ def test_excluded_randaugment_ops_are_never_chosen(sample, monkeypatch):
     torch.manual_seed(0)
     for _ in range(150):
         transform(sample)
-    allowed = set(augment.TF_RANDAUGMENT_OPS) - excluded
+    allowed = set(policies.TF_RANDAUGMENT_OPS) - excluded
     assert set(chosen) <= allowed
     assert len(set(chosen)) >= len(allowed) - 1  # the rest are really drawn
 
@@ -193,8 +195,8 @@ def test_randaugment_config_rejects_unknown_ops_and_keys():
 
 
 def test_tf_magnitude_15_extends_the_op_ranges_linearly():
-    style = augment._OpStyle("tf", 10.0, (128, 128, 128), "nearest", translate_const=10.0, cutout_const=40.0)
-    args = {op: fn(1.5, 1.0, style, (256, 256), 0) for op, fn in augment._ARGUMENTS.items()}
+    style = policy_ops.OpStyle("tf", 10.0, (128, 128, 128), "nearest", translate_const=10.0, cutout_const=40.0)
+    args = {op: fn(1.5, 1.0, style, (256, 256), 0) for op, fn in policy_ops._ARGUMENTS.items()}
     assert args["Rotate"] == pytest.approx(45.0)
     assert args["ShearX"] == pytest.approx(0.45)
     assert args["TranslateX"] == pytest.approx(15.0)
@@ -203,8 +205,8 @@ def test_tf_magnitude_15_extends_the_op_ranges_linearly():
 
 
 def test_timm_flavor_clips_magnitude_at_10_and_tf_does_not():
-    tf_ra = augment._randaugment(RandAugmentConfig(magnitude=15, flavor="tf"), "bilinear")
-    timm_ra = augment._randaugment(RandAugmentConfig(magnitude=15, flavor="timm"), "bilinear")
+    tf_ra = policies.build_randaugment(RandAugmentConfig(magnitude=15, flavor="tf"), "bilinear")
+    timm_ra = policies.build_randaugment(RandAugmentConfig(magnitude=15, flavor="timm"), "bilinear")
     tf_op = tf_ra.transforms[0].transforms[0]
     timm_op = timm_ra.transforms[0].transforms[0]
     assert tf_op._sample_magnitude() == 15.0
@@ -222,9 +224,9 @@ def test_autoaugment_policy_tables_match_torchvision_and_timm():
     from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 
     tv = AutoAugment(AutoAugmentPolicy.IMAGENET).policies
-    assert [tuple(sub) for sub in tv] == [tuple(sub) for sub in augment._POLICY_IMAGENET]
+    assert [tuple(sub) for sub in tv] == [tuple(sub) for sub in policies._POLICY_IMAGENET]
     v0 = [[(op.name.replace("Rel", ""), op.prob, op.magnitude) for op in sub] for sub in auto_augment_policy_v0({})]
-    assert v0 == [list(sub) for sub in augment._POLICY_V0]
+    assert v0 == [list(sub) for sub in policies._POLICY_V0]
 
 
 def test_random_erasing_pixel_mode_fills_a_patch_with_noise(sample):
