@@ -1,0 +1,186 @@
+"""A training checkpoint -> an export: safe loading, the network rebuilt from it, its val shards; the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.export.artifacts import DATA_CONFIG_KEYS, ExportError, ExportReport, export_model
+
+CHECKPOINT_KEYS = ("state_dict", "run_config", "dataset", "data_config")
+NETWORK_PREFIX = "model."
+TRAIN_HINT = "`python -m train` (it writes <run dir>/checkpoints/last.ckpt and best.ckpt)"
+
+
+def export_checkpoint(
+    ckpt_path: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    batch_size: int = 128,
+    num_workers: int = 4,
+    device: str | torch.device = "cpu",
+) -> ExportReport:
+    """Export a checkpoint of `python -m train`, evaluated on the val split of its (or the given) shard dir."""
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    name = ckpt["run_config"]["model"]["name"]
+    label_names = list(ckpt["dataset"]["label_names"])
+    model = build_network(name, len(label_names), network_state(ckpt["state_dict"]))
+    root = resolve_data_root(data_root, ckpt)
+    _check_labels(root, label_names)
+    loader = build_val_loader(root, ckpt["data_config"], batch_size=batch_size, num_workers=num_workers)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
+    return export_model(model, out, architecture=name, label_names=label_names, data_config=ckpt["data_config"],
+                        val_batches=loader, device=device)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint as plain data (never unpickling code), with the keys the export needs."""
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path} does not exist; checkpoints are written by {TRAIN_HINT}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:
+            raise ExportError(f"{path} is not a PyTorch checkpoint; export one written by {TRAIN_HINT}") from None
+        raise ExportError(f"refusing {path}: it holds a pickled Python object ({found.group(1)}), which safe loading "
+                          f"(torch.load weights_only=True) does not run. Checkpoints of this project hold only "
+                          f"tensors and plain values; export one written by {TRAIN_HINT}") from None
+    except RuntimeError as e:
+        raise ExportError(f"{path} is not a readable PyTorch checkpoint ({e}); export one written by "
+                          f"{TRAIN_HINT}") from None
+    _check_checkpoint(path, ckpt)
+    return ckpt
+
+
+def _check_checkpoint(path: Path, ckpt: Any) -> None:
+    missing = _missing_keys(ckpt) if isinstance(ckpt, dict) else [f"everything (it holds a {type(ckpt).__name__})"]
+    if missing:
+        raise ExportError(f"{path} is not a checkpoint of this project's training: it lacks {', '.join(missing)}. "
+                          f"Export a checkpoint written by {TRAIN_HINT}")
+
+
+def _missing_keys(ckpt: dict[str, Any]) -> list[str]:
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        return missing
+    nested = {"run_config['model']['name']": _dig(ckpt, "run_config", "model", "name"),
+              "dataset['label_names']": _dig(ckpt, "dataset", "label_names")}
+    missing = [k for k, v in nested.items() if v is None]
+    return missing + [f"data_config[{k!r}]" for k in DATA_CONFIG_KEYS if _dig(ckpt, "data_config", k) is None]
+
+
+def _dig(tree: Any, *keys: str) -> Any:
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def network_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's weights from a LightningModule state_dict (`model.` prefix; EMA weights when EMA was on)."""
+    # torch.compile wraps the network as `_orig_mod`; its weights are the plain network's.
+    state = {k[len(NETWORK_PREFIX):].replace("_orig_mod.", ""): v for k, v in state_dict.items()
+             if k.startswith(NETWORK_PREFIX)}
+    if not state:
+        raise ExportError(f"the checkpoint's state_dict has no '{NETWORK_PREFIX}*' keys (the network's weights); "
+                          f"export a checkpoint written by {TRAIN_HINT}")
+    return state
+
+
+def build_network(name: str, num_classes: int, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    from train.models import UnknownModelError, create_model
+
+    try:
+        model = create_model(name, num_classes=num_classes)
+    except UnknownModelError as e:
+        raise ExportError(f"the checkpoint's model: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"the checkpoint's weights do not fit {name} with {num_classes} classes: {e}") from None
+    return model.eval()
+
+
+def resolve_data_root(data_root: str | os.PathLike | None, ckpt: Mapping[str, Any]) -> Path:
+    """--data-root when given, else the shard dir the checkpoint was trained on."""
+    hint = "pass --data-root DIR, the shard directory (val-*.tar + _info.json) the model was trained with"
+    if data_root is not None:
+        root, source = Path(data_root), "given by --data-root"
+    else:
+        recorded = _dig(ckpt, "dataset", "root") or _dig(ckpt, "run_config", "data", "root")
+        if not recorded:
+            raise ExportError(f"the checkpoint records no data root: {hint}")
+        root, source = Path(recorded), "recorded in the checkpoint"
+    root = root.expanduser()
+    if not root.is_dir():
+        raise ExportError(f"data root {root} ({source}) does not exist here: {hint}")
+    return root
+
+
+def _check_labels(root: Path, label_names: Sequence[str]) -> None:
+    from data_pipes.metadata import read_info
+
+    shards = list(read_info(root, check_files=False).label_names)
+    if shards != list(label_names):
+        common = min(len(shards), len(label_names))
+        first = next((i for i, (a, b) in enumerate(zip(shards, label_names)) if a != b), common)
+        raise ExportError(f"the shards at {root} have {len(shards)} classes, the checkpoint {len(label_names)}, "
+                          f"first difference at index {first}: pass the --data-root the model was trained with")
+
+
+def build_val_loader(root: Path, data_config: Mapping[str, Any], *, batch_size: int, num_workers: int) -> Iterable:
+    from data_pipes.augment import build_eval_transform
+    from data_pipes.datamodule import build_eval_loader
+
+    transform = build_eval_transform(data_config["input_size"][-1], crop_pct=data_config["crop_pct"],
+                                     interpolation=data_config["interpolation"])
+    return build_eval_loader(root, transform, batch_size=batch_size, num_workers=num_workers, split="val")
+
+
+def default_out_dir(ckpt_path: Path) -> Path:
+    """`<run dir>/export`: checkpoints live in `<run dir>/checkpoints/`."""
+    return ckpt_path.resolve().parent.parent / "export"
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.export",
+                                     description="Ship a checkpoint of `python -m train` (see train.export).")
+    parser.add_argument("ckpt", type=Path, help="a checkpoint of `python -m train`")
+    parser.add_argument("--out", type=Path, default=None, help="export dir (default: <run dir>/export)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="shard dir to evaluate on (default: the one recorded in the checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the evaluation runs (the ONNX check always runs on CPU)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from data_pipes.metadata import DatasetError
+
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = export_checkpoint(args.ckpt, out_dir=args.out, data_root=args.data_root, batch_size=args.batch_size,
+                                   num_workers=args.num_workers, device=args.device)
+    except (ExportError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = report.metrics
+    print(f"exported {m['architecture']} to {report.out_dir}: top1 {m['top1']:.2f}% top5 {m['top5']:.2f}% on "
+          f"{m['val_images']} val images; ONNX max |logit difference| {m['onnx_max_abs_diff']:.3g} "
+          f"(bound {report.onnx_bound:.3g})")
+    return 0
