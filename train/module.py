@@ -15,7 +15,6 @@ from lightning import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.functional.classification import multiclass_accuracy
 
 from train.normalize import normalize_images
 from train.optim import OptimizerFactory, SchedulerFactory
@@ -50,6 +49,9 @@ class ImageClassifier(LightningModule):
         self.register_buffer("mean", torch.tensor(mean) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std) * 255, persistent=False)
         top_k = min(5, num_classes)
+        # Train top-1 hits, top-k hits and images of the current epoch, summed on the device (not a buffer: EMA
+        # would average it, and checkpoints do not need it).
+        self._train_counts = torch.zeros(3, dtype=torch.long)
         self.num_classes, self.top_k = num_classes, top_k
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
@@ -82,12 +84,32 @@ class ImageClassifier(LightningModule):
         return losses["loss"]
 
     def _log_train(self, losses: dict[str, Tensor], logits: Tensor, labels: Tensor) -> None:
-        batch_size = logits.size(0)
+        # Every step only adds to device-side counters (no host sync, no Lightning bookkeeping); values are logged on
+        # logging steps (the batch's loss and accuracy) and at the epoch's end (the exact epoch accuracy).
+        with torch.no_grad():
+            hits = logits.topk(self.top_k, dim=1).indices.eq(labels.unsqueeze(1))
+            counts = torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+        self._train_counts[:2] += counts
+        self._train_counts[2] += labels.numel()
+        if not self._is_logging_step():
+            return
+        batch_size = labels.numel()
+        accuracy = {"train/acc1": counts[0] * (100.0 / batch_size), "train/acc5": counts[1] * (100.0 / batch_size)}
         self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True, batch_size=batch_size)
-        # Percent, like val; the epoch value is the batch-size-weighted mean, i.e. the exact epoch accuracy.
-        accuracy = {name: multiclass_accuracy(logits, labels, self.num_classes, top_k=k, average="micro") * 100
-                    for name, k in (("train/acc1", 1), ("train/acc5", self.top_k))}
-        self.log_dict(accuracy, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log_dict(accuracy, batch_size=batch_size)
+
+    def _is_logging_step(self) -> bool:
+        # Lightning's own cadence (what LearningRateMonitor asks too): values logged on other steps are dropped.
+        return self.trainer._logger_connector.should_update_logs
+
+    def on_train_epoch_start(self) -> None:
+        self._train_counts = torch.zeros(3, dtype=torch.long, device=self.device)
+
+    def on_train_epoch_end(self) -> None:
+        hits1, hits5, seen = self.trainer.strategy.reduce(self._train_counts.clone(), reduce_op="sum").tolist()
+        if seen:
+            self.log_dict({"train/acc1_epoch": 100.0 * hits1 / seen, "train/acc5_epoch": 100.0 * hits5 / seen},
+                          sync_dist=False)  # already summed over ranks
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # Padding samples (valid=False) keep every rank's batch count equal; they are never counted.
