@@ -115,7 +115,8 @@ def open_image(data: bytes) -> Encoded:
         except ValueError:
             pass  # PIL has the last word on what this is
         else:
-            if colorspace in _TURBO_COLORSPACES:
+            # Images past PIL's decompression-bomb limit go to PIL too, so that its limit holds for every file.
+            if colorspace in _TURBO_COLORSPACES and not _over_pixel_limit(width, height):
                 return Encoded(data, width, height, is_jpeg=True)
     img = _open_pil(data)
     return Encoded(data, img.width, img.height, is_jpeg=img.format in ("JPEG", "MPO"), pil=img)
@@ -126,8 +127,15 @@ def _open_pil(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
         raise BadImage(f"not a decodable image ({len(data)} bytes starting {data[:8]!r})") from e
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"image too large to decode safely: {e}") from e
     except _DECODE_ERRORS as e:
         raise BadImage(f"corrupt image header: {e}") from e
+
+
+def _over_pixel_limit(width: int, height: int) -> bool:
+    limit = Image.MAX_IMAGE_PIXELS
+    return limit is not None and width * height > limit
 
 
 def _reject_truncated(data: bytes) -> None:

@@ -229,3 +229,10 @@ def test_resize_matches_pil_filters(interpolation, size):
 def test_resize_rejects_an_unknown_filter():
     with pytest.raises(ValueError, match="interpolation must be one of"):
         resize(np.zeros((8, 8, 3), np.uint8), 4, 4, "area")
+
+
+def test_an_image_past_pils_pixel_limit_is_refused_whatever_the_decoder(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses past twice the limit, warns past it
+    data = _encode(_photo_like(64, 48))  # 3072 pixels
+    with pytest.raises(BadImage, match="too large to decode safely"):
+        open_image(data)
