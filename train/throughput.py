@@ -58,7 +58,8 @@ class ThroughputLogger(Callback):
         if self._flops:
             metrics["perf/tflops_per_sec_per_device"] = self._flops / elapsed / 1e12
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            # Lightning labels the metrics of the step that makes global_step N with N - 1; the same x for both.
+            logger.log_metrics(metrics, step=step - 1)
         self._start, self._images, self._flops = time.perf_counter(), 0, 0.0
 
 
