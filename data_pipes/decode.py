@@ -227,7 +227,7 @@ def _decode(src: Encoded, factor: int) -> tuple[np.ndarray, int]:
 
 def _decode_pil(src: Encoded, factor: int) -> tuple[np.ndarray, int]:
     img = src.pil if src.pil is not None else _open_pil(src.data)
-    if factor > 1 and img.format in ("JPEG", "MPO"):
+    if factor > 1 and src.is_jpeg:
         # draft() picks the largest scale s with size // request >= s, so asking for size // factor gives exactly
         # `factor`; it returns None (and decodes at full size) when it cannot scale, e.g. on a second call.
         drafted = img.draft(img.mode, (img.width // factor, img.height // factor))

@@ -186,22 +186,17 @@ def read_run(path: str, index: ShardIndex, first: int, end: int) -> Iterator[tup
     """Samples `first..end-1` of a shard: (sample index, webdataset sample dict), or (index, reason) for each
     sample the shard cannot deliver (unreadable file, tar cut short, damaged member)."""
     available = min(end, len(index.offsets))
-    if first >= available:
-        reason = index.error or f"the tar holds only {len(index.offsets)} samples"
-        yield from ((i, f"cut off ({reason})") for i in range(first, end))
-        return
-    reader = _read_plain if index.plain else _read_tarfile
-    i = first
-    reason = None
-    for i, sample in reader(path, index, first, available):
-        if isinstance(sample, str):
-            reason = sample
-            break
-        yield i, sample
-    else:
-        i = available
-    reason = reason or index.error or "the tar ends early"
-    yield from ((j, f"cut off ({reason})") for j in range(i, end))
+    reason = index.error or f"the tar holds only {len(index.offsets)} samples"
+    delivered = first
+    if first < available:
+        reader = _read_plain if index.plain else _read_tarfile
+        for i, sample in reader(path, index, first, available):
+            if isinstance(sample, str):  # the reader stops at its first failure
+                reason = sample
+                break
+            yield i, sample
+            delivered = i + 1
+    yield from ((j, f"cut off ({reason})") for j in range(delivered, end))
 
 
 def _read_plain(path: str, index: ShardIndex, first: int, end: int) -> Iterator[tuple[int, dict | str]]:
@@ -209,6 +204,7 @@ def _read_plain(path: str, index: ShardIndex, first: int, end: int) -> Iterator[
     with open(path, "rb") as f:
         f.seek(offsets[first])
         for i in range(first, end):
+            # A sample's span runs to the next sample's first header: its padding and any skipped member included.
             size = (offsets[i + 1] if i + 1 < len(offsets) else index.end) - offsets[i]
             buf = f.read(size)
             if len(buf) < size:
@@ -219,8 +215,6 @@ def _read_plain(path: str, index: ShardIndex, first: int, end: int) -> Iterator[
             except (ValueError, _NotPlain) as e:
                 yield i, f"{type(e).__name__}: {e}"
                 return
-            if i + 1 < len(offsets):
-                f.seek(offsets[i + 1])  # past the padding, and any member between samples
 
 
 def _read_tarfile(path: str, index: ShardIndex, first: int, end: int) -> Iterator[tuple[int, dict | str]]:
@@ -239,4 +233,4 @@ def _read_tarfile(path: str, index: ShardIndex, first: int, end: int) -> Iterato
             yield i, sample
             i += 1
     if i < end:
-        yield i, repr(errors[0]) if errors else (index.error or "the tar ends early")
+        yield i, repr(errors[0]) if errors else (index.error or f"the tar ends after sample {i - 1}")

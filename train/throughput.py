@@ -60,7 +60,7 @@ class ThroughputLogger(Callback):
         for logger in trainer.loggers:
             # Lightning labels the metrics of the step that makes global_step N with N - 1; the same x for both.
             logger.log_metrics(metrics, step=step - 1)
-        self._start, self._images, self._flops = time.perf_counter(), 0, 0.0
+        self._restart(trainer)
 
 
 def _synchronize(trainer: Trainer) -> None:

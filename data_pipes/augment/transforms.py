@@ -12,7 +12,6 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
-from PIL import Image
 
 from data_pipes.augment.erasing import RandomErasing, RandomErasingConfig
 from data_pipes.augment.policies import RandAugmentConfig, build_autoaugment, build_randaugment
@@ -89,12 +88,11 @@ def _writable(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr, order="C")
 
 
-def _resample(name: str) -> Image.Resampling | None:
-    if name == "random":
-        return None
-    if name not in INTERPOLATIONS:
+def _check_interpolation(name: str, *, allow_random: bool) -> None:
+    if name == "random" and not allow_random:
+        raise ValueError("eval interpolation must be deterministic, not 'random'")
+    if name not in INTERPOLATIONS and name != "random":
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)} or 'random', got {name!r}")
-    return INTERPOLATIONS[name]
 
 
 class TrainTransform:
@@ -166,8 +164,7 @@ class EvalTransform:
     """`bytes -> np.uint8 [S, S, 3]`: timm's eval resize + centre crop, from a DCT-reduced decode where possible."""
 
     def __init__(self, img_size: int, crop_pct: float, interpolation: str, dct_reduce: bool = True):
-        if _resample(interpolation) is None:
-            raise ValueError("eval interpolation must be deterministic, not 'random'")
+        _check_interpolation(interpolation, allow_random=False)
         eval_resize_size(img_size, img_size, img_size, crop_pct)  # validates crop_pct now, not per sample
         self.img_size = img_size
         self.crop_pct = crop_pct
@@ -204,7 +201,7 @@ def build_train_transform(
     scale_t, ratio_t = _pair(scale, "scale"), _pair(ratio, "ratio")
     if not (0 < scale_t[0] <= scale_t[1] <= 1 and 0 < ratio_t[0] <= ratio_t[1]):
         raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]: {scale_t}, {ratio_t}")
-    _resample(interpolation)
+    _check_interpolation(interpolation, allow_random=True)
     pipeline = _pipeline(
         interpolation,
         float(hflip),
