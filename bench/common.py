@@ -3,7 +3,7 @@
 Data: a slice of an ImageNet-layout folder (default: the shared Imagenette photos) is made once per setting under
 the cache directory (default `.cache/bench`, git-ignored): symlinks to the photos, or, with `upscale`, the photos
 re-encoded as larger JPEGs (ImageNet photos are ~400x350 on average; the shared copies are 224x224), then written
-as shards with `data_pipes.make_shards`. The photos themselves are never copied into the repository.
+as shards with `data_pipes.shards.make`. The photos themselves are never copied into the repository.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _classes(split_dir: Path) -> list[str]:
 def images_needed(batches: int, batch_size: int, workers: int, shuffle_window: int) -> int:
     """Train images for our loader to deliver `batches` batches before any worker runs out of work.
 
-    Our stream gives each worker whole shuffle windows (`data_pipes.stream_plan.fresh_streams`), so on a small
+    Our stream gives each worker whole shuffle windows (`data_pipes.stream.plan.fresh_streams`), so on a small
     slice some workers finish early and the last batches come from fewer workers; timing them would measure that
     tail, not the loader. This asks for enough full windows that every worker has its share of `batches`.
     """
@@ -98,7 +98,7 @@ def images_needed(batches: int, batch_size: int, workers: int, shuffle_window: i
 def balanced_batches(window_batches: Sequence[int], workers: int) -> int | None:
     """Batches our loader delivers before its first worker runs out (None if the planner's API changed)."""
     try:
-        from data_pipes.stream_plan import fresh_streams
+        from data_pipes.stream.plan import fresh_streams
     except ImportError:
         return None
     streams = fresh_streams(list(window_batches), max(1, workers))
@@ -185,7 +185,7 @@ def prepare_slice(src: Path, cache: Path, *, train_per_class: int, val_per_class
         done.write_text(str(train_count))
     train_count = int(done.read_text())
     if not (shards / "_info.json").is_file():
-        from data_pipes.make_shards import make_shards
+        from data_pipes.shards.make import make_shards
 
         shutil.rmtree(shards, ignore_errors=True)
         # Several shards per loader worker, so that timm's WebDataset reader can split them between workers.

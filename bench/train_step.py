@@ -147,7 +147,7 @@ def build_plain(cfg, device: torch.device):
     from timm.utils import ModelEmaV3
 
     import train.run as run
-    from data_pipes.metadata import read_info
+    from data_pipes.shards.metadata import read_info
     from train.models import create_model
     from train.optim import scheduler_factory
 

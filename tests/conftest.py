@@ -22,7 +22,7 @@ def imagenette_root() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_folder(tmp_path_factory) -> Path:
     """A small learnable ImageNet-layout folder: 10 classes, 20 train / 5 val images each, 64x64 JPEGs."""
-    from data_pipes.synthetic import make_image_folder
+    from data_pipes.shards.synthetic import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("synthetic"), train_per_class=20, val_per_class=5, size=64)
 
@@ -30,7 +30,7 @@ def synthetic_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory, synthetic_folder) -> Path:
     """`synthetic_folder` written as shards (several per split) with `_info.json`."""
-    from data_pipes.make_shards import make_shards
+    from data_pipes.shards.make import make_shards
 
     out = tmp_path_factory.mktemp("synthetic-shards")
     make_shards(synthetic_folder, out, samples_per_shard=64, workers=1)

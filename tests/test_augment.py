@@ -1,4 +1,4 @@
-"""data_pipes.augment and conf/aug/*.yaml: every recipe builds and runs on real photos, policies behave as
+"""data_pipes.image.augment and conf/aug/*.yaml: every recipe builds and runs on real photos, policies behave as
 configured, transforms pickle, and DataLoader workers draw different augmentations."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data_pipes.augment import (
+from data_pipes.image.augment import (
     PolicyOp,
     RandAugmentConfig,
     TrainTransform,
@@ -28,6 +28,9 @@ from data_pipes.augment import (
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "conf" / "aug").glob("*.yaml"))
+# conf/aug/inception.yaml's crop and flip, for tests that vary only the policies.
+INCEPTION = {k: v for k, v in OmegaConf.load(REPO / "conf" / "aug" / "inception.yaml").train.items()
+             if k in ("scale", "ratio", "hflip", "interpolation")}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,7 @@ def test_eval_transform_with_dct_reduction_stays_close_to_the_full_decode():
 
 
 def _no_crop(**kw) -> TrainTransform:
-    return build_train_transform(224, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), hflip=0.0, **kw)
+    return build_train_transform(224, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), hflip=0.0, interpolation="bilinear", **kw)
 
 
 def test_randaugment_with_prob_zero_is_identity_after_crop(sample):
@@ -187,11 +190,11 @@ def test_randaugment_layers_draw_their_ops_independently(sample, monkeypatch):
 
 def test_randaugment_config_rejects_unknown_ops_and_keys():
     with pytest.raises(ValueError, match="unknown ops"):
-        build_train_transform(224, randaugment={"exclude": ["Cutuot"]})
+        build_train_transform(224, **INCEPTION, randaugment={"exclude": ["Cutuot"]})
     with pytest.raises(ValueError, match="unknown keys"):
-        build_train_transform(224, randaugment={"num_layers": 2})
+        build_train_transform(224, **INCEPTION, randaugment={"num_layers": 2})
     with pytest.raises(ValueError, match="not both"):
-        build_train_transform(224, randaugment={}, autoaugment="imagenet")
+        build_train_transform(224, **INCEPTION, randaugment={}, autoaugment="imagenet")
 
 
 def test_tf_magnitude_15_extends_the_op_ranges_linearly():
@@ -263,7 +266,7 @@ def test_transforms_pickle_and_the_copy_draws_the_same_when_seeded(recipe, sampl
 
 
 def test_torch_seed_makes_augmentation_reproducible_as_the_stream_reseeds_per_batch(sample):
-    transform = build_train_transform(128, randaugment={"magnitude": 9, "prob": 0.5})
+    transform = build_train_transform(128, **INCEPTION, randaugment={"magnitude": 9, "prob": 0.5})
     runs = []
     for seed in (11, 11, 12):
         torch.manual_seed(seed)
@@ -295,7 +298,7 @@ def _worker_outputs(transform, data: bytes) -> dict[int, list[np.ndarray]]:
 
 
 def test_dataloader_workers_draw_different_crops_and_repeat_under_the_same_torch_seed(sample):
-    transform = build_train_transform(128, hflip=0.0)
+    transform = build_train_transform(128, **{**INCEPTION, "hflip": 0.0})
     transform(sample)  # used in the parent first: forked workers must still not continue its stream
     torch.manual_seed(1234)
     first = _worker_outputs(transform, sample)

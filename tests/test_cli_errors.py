@@ -38,13 +38,14 @@ def test_unknown_timm_model_name_lists_valid_names_and_how_to_pick_one(tmp_path)
 
 
 def test_missing_data_root_says_what_is_expected_and_how_to_make_it(tmp_path):
-    assert_clean_failure(run_train(cwd=tmp_path), "data.root", "make_shards")
-    assert_clean_failure(run_train(f"data.root={tmp_path}/nowhere", cwd=tmp_path), "does not exist", "make_shards")
+    assert_clean_failure(run_train(cwd=tmp_path), "data.root", "data_pipes.shards.make")
+    assert_clean_failure(run_train(f"data.root={tmp_path}/nowhere", cwd=tmp_path), "does not exist",
+                         "data_pipes.shards.make")
 
 
 def test_empty_data_root_says_how_to_make_shards(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert_clean_failure(run_train(f"data.root={tmp_path}/empty", cwd=tmp_path), "make_shards")
+    assert_clean_failure(run_train(f"data.root={tmp_path}/empty", cwd=tmp_path), "data_pipes.shards.make")
 
 
 def test_misspelt_override_is_a_clear_hydra_error(tmp_path):

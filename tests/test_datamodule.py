@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import lightning.pytorch as pl
 import pytest
+from shard_fixtures import PilDecode, sample_key, write_shards
+from tiny_modules import KeyRecorder
 
-from data_pipes.datamodule import DataHealthMonitor, ShardDataModule, build_eval_loader
-from data_pipes.metadata import DatasetError
-from data_pipes.stream import DataError
-from data_pipes.stream_fixtures import PilDecode, sample_key, write_shards
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_modules import KeyRecorder  # noqa: E402
+from data_pipes.shards.metadata import DatasetError
+from data_pipes.stream.datamodule import DataHealthMonitor, ShardDataModule, build_eval_loader
+from data_pipes.stream.loader import DataError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
@@ -30,7 +25,8 @@ def shards(tmp_path_factory):
 
 
 def datamodule(root, **kw) -> ShardDataModule:
-    args = dict(batch_size=8, num_workers=0, train_transform=PilDecode(16), eval_transform=PilDecode(16), seed=0)
+    args = dict(batch_size=8, num_workers=0, train_transform=PilDecode(16), eval_transform=PilDecode(16), seed=0,
+                shuffle_window=1024, max_bad_fraction=0.01)
     return ShardDataModule(str(root), **{**args, **kw})
 
 

@@ -8,12 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_run
 import pytest
-
-from data_pipes.stream_fixtures import sample_key, write_shards
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-import ddp_run  # noqa: E402
+from shard_fixtures import sample_key, write_shards
 
 pytestmark = [
     pytest.mark.ddp,

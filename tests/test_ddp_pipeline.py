@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_two_rank_validation_counts_every_image_once_and_equals_the_single_process_score(tmp_path):
-    from data_pipes.make_shards import make_shards
-    from data_pipes.synthetic import make_image_folder
+    from data_pipes.shards.make import make_shards
+    from data_pipes.shards.synthetic import make_image_folder
 
     # 45 validation images: odd, so one rank needs a padding sample that must not be counted.
     images = make_image_folder(tmp_path / "images", num_classes=9, train_per_class=12, val_per_class=5, size=48)

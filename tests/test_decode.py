@@ -1,4 +1,4 @@
-"""data_pipes.decode: what real ImageNet bytes look like, and the DCT-reduced fused crop."""
+"""data_pipes.image.decode: what real ImageNet bytes look like, and the DCT-reduced fused crop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from data_pipes.decode import (
+from data_pipes.image.decode import (
     INTERPOLATIONS,
     BadImage,
     Box,

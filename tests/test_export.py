@@ -15,7 +15,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from data_pipes.metadata import DatasetInfo, SplitInfo, write_info
+from data_pipes.shards.metadata import DatasetInfo, SplitInfo, write_info
 from train import export as ex
 from train.export import ARTIFACTS, ONNX_OPSET, ONNX_REL_TOL, ExportError, export_model, load_exported, main, normalize
 
@@ -241,8 +241,8 @@ def _checkpoint(path: Path, model: torch.nn.Module, *, root: Path, label_names: 
 
 
 def test_cli_exports_a_checkpoint_into_its_run_dir_evaluating_every_val_image(tmp_path, synthetic_folder, capsys):
-    pytest.importorskip("data_pipes.datamodule")
-    pytest.importorskip("data_pipes.augment")
+    pytest.importorskip("data_pipes.stream.datamodule")
+    pytest.importorskip("data_pipes.image.augment")
     labels = sorted(p.name for p in (synthetic_folder / "val").iterdir())
     samples = [(f"{label}_{i:03d}", jpg.read_bytes(), cls) for cls, label in enumerate(labels)
                for i, jpg in enumerate(sorted((synthetic_folder / "val" / label).iterdir()))]

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipes.make_shards import _init_worker, make_shards
-from data_pipes.metadata import DatasetError, read_info
-from data_pipes.shard_labels import ShardSourceError
-from data_pipes.shard_plan import PROGRESS_FILE, exclusive, parse_size
+from data_pipes.shards.make import _init_worker, make_shards
+from data_pipes.shards.metadata import DatasetError, read_info
+from data_pipes.shards.plan import PROGRESS_FILE, exclusive, parse_size
+from data_pipes.shards.val_labels import ShardSourceError
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"progress": False, "log": lambda line: None}
@@ -205,7 +205,7 @@ def test_quality_without_resize_is_refused_before_any_work(synthetic_folder, tmp
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "data_pipes.make_shards", "--src", str(tmp_path / "nowhere"),
+    result = subprocess.run([sys.executable, "-m", "data_pipes.shards.make", "--src", str(tmp_path / "nowhere"),
                              "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -213,7 +213,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
 
 
 def test_cli_writes_shards_and_info(synthetic_folder, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "data_pipes.make_shards", "--src", str(synthetic_folder),
+    result = subprocess.run([sys.executable, "-m", "data_pipes.shards.make", "--src", str(synthetic_folder),
                              "--out", str(tmp_path), "--samples-per-shard", "100", "--workers", "2",
                              "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -386,7 +386,7 @@ def test_rerun_after_an_interruption_redoes_unrecorded_and_partial_shards(synthe
 
 
 def test_killed_run_resumes_without_rewriting_the_shards_it_finished(synthetic_folder, tmp_path):
-    cmd = [sys.executable, "-m", "data_pipes.make_shards", "--src", str(synthetic_folder), "--out", str(tmp_path),
+    cmd = [sys.executable, "-m", "data_pipes.shards.make", "--src", str(synthetic_folder), "--out", str(tmp_path),
            "--samples-per-shard", "5", "--workers", "1", "--no-progress"]
     progress = tmp_path / PROGRESS_FILE
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -6,19 +6,16 @@ is that the batches trained up to the checkpoint plus those trained after the re
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from shard_fixtures import PilDecode, sample_key, write_shards
+from tiny_modules import KeyRecorder, Preempted
 
-from data_pipes.datamodule import ShardDataModule
-from data_pipes.stream_fixtures import PilDecode, sample_key, write_shards
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_modules import KeyRecorder, Preempted  # noqa: E402
+from data_pipes.stream.datamodule import ShardDataModule
 
 TRAIN = (37, 5, 30, 1, 23)  # 96 samples: 12 batches of 8 per epoch
 EPOCHS = 3
@@ -37,7 +34,8 @@ def shards(tmp_path_factory):
 
 def datamodule(root, num_workers=2) -> ShardDataModule:
     return ShardDataModule(str(root), batch_size=8, num_workers=num_workers, train_transform=PilDecode(16),
-                           eval_transform=PilDecode(16), seed=3, shuffle_window=16, prefetch_factor=2)
+                           eval_transform=PilDecode(16), seed=3, shuffle_window=16, max_bad_fraction=0.01,
+                           prefetch_factor=2)
 
 
 def fit(root, ckpt_dir, *, num_workers=2, crash_at_step=None, schedule="steps_per_epoch", every=5, resume=False):

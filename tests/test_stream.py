@@ -8,11 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from shard_fixtures import PilDecode, sample_key, sample_label, truncate_tar, write_shards
 
-from data_pipes.metadata import read_info
-from data_pipes.stream import DataError, ShardLoader, ShardStream
-from data_pipes.stream_fixtures import PilDecode, sample_key, sample_label, truncate_tar, write_shards
-from data_pipes.stream_plan import (
+from data_pipes.shards.metadata import read_info
+from data_pipes.stream.loader import DataError, ShardLoader, ShardStream
+from data_pipes.stream.plan import (
     EpochLayout,
     deliver,
     fresh_streams,
@@ -293,7 +293,7 @@ def test_more_bad_samples_than_allowed_stop_with_an_error_naming_them(bad_shards
     root, _ = bad_shards
     with pytest.raises(DataError, match="max_bad_fraction") as err:
         list(ShardLoader(make_stream(root, max_bad_fraction=0.01), num_workers=0))
-    assert "train_00" in str(err.value) and "make_shards" in str(err.value)
+    assert "train_00" in str(err.value) and "data_pipes.shards.make" in str(err.value)
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "not_a_tar"])

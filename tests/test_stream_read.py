@@ -1,4 +1,4 @@
-"""data_pipes.stream_read: the sample index of a tar shard and reading runs of samples from its middle."""
+"""data_pipes.shards.read: the sample index of a tar shard and reading runs of samples from its middle."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data_pipes.stream_read import read_run, scan_shard
+from data_pipes.shards.read import read_run, scan_shard
 
 # (member name, data): dotted suffixes, an upper-case suffix, a path-like key, webdataset's meta members.
 MEMBERS = [

@@ -35,7 +35,7 @@ def compose_train(*overrides: str):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, imagenette_root):
-    from data_pipes.make_shards import make_shards
+    from data_pipes.shards.make import make_shards
     from train.run import train
 
     tmp = tmp_path_factory.mktemp("e2e")

@@ -13,7 +13,7 @@ log = logging.getLogger("train")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from data_pipes.metadata import DatasetError
+    from data_pipes.shards.metadata import DatasetError
     from train.models import ModelConfigError
     from train.run import train
 

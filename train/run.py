@@ -14,10 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.data import resolve_model_data_config
 
-from data_pipes.augment import build_eval_transform, build_train_transform
-from data_pipes.datamodule import ShardDataModule
-from data_pipes.metadata import DatasetInfo
-from data_pipes.prepare import prepare_dataset
+from data_pipes.image.augment import build_eval_transform, build_train_transform
+from data_pipes.shards.metadata import DatasetInfo
+from data_pipes.shards.prepare import prepare_dataset
+from data_pipes.stream.datamodule import ShardDataModule
 from train.callbacks import AtomicCheckpointIO, RunRecord, build_callbacks
 from train.models import check_img_size, check_model_name, count_macs, create_model
 from train.module import ImageClassifier
@@ -151,7 +151,7 @@ def _params_m(model: torch.nn.Module) -> float:
 
 def _export(run_dir: Path, module: ImageClassifier, info: DatasetInfo, data_config: dict[str, Any], cfg: DictConfig,
             loggers: list) -> dict[str, float]:
-    from data_pipes.datamodule import build_eval_loader
+    from data_pipes.stream.datamodule import build_eval_loader
     from train.export import export_model
 
     img_size = data_config["input_size"][-1]

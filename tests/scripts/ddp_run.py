@@ -20,10 +20,10 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # tiny_modules; the repo, when
 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from shard_fixtures import PilDecode  # noqa: E402
 from tiny_modules import KeyRecorder  # noqa: E402
 
-from data_pipes.datamodule import ShardDataModule  # noqa: E402
-from data_pipes.stream_fixtures import PilDecode  # noqa: E402
+from data_pipes.stream.datamodule import ShardDataModule  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,7 +55,7 @@ def run(root: str, out: Path, devices: int, mode: str, ckpt: str | None = None, 
     """Fit and/or validate; returns this rank's record (also written to `out`)."""
     dm = ShardDataModule(root, batch_size=8, val_batch_size=4, num_workers=num_workers,
                          train_transform=PilDecode(16), eval_transform=PilDecode(16), seed=0, shuffle_window=16,
-                         prefetch_factor=2)
+                         max_bad_fraction=0.01, prefetch_factor=2)
     module = KeyRecorder(dm.num_classes)
     trainer = build_trainer(devices, out, dm)
     if mode == "fit":

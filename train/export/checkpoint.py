@@ -130,7 +130,7 @@ def resolve_data_root(data_root: str | os.PathLike | None, ckpt: Mapping[str, An
 
 
 def _check_labels(root: Path, label_names: Sequence[str]) -> None:
-    from data_pipes.metadata import read_info
+    from data_pipes.shards.metadata import read_info
 
     shards = list(read_info(root, check_files=False).label_names)
     if shards != list(label_names):
@@ -141,8 +141,8 @@ def _check_labels(root: Path, label_names: Sequence[str]) -> None:
 
 
 def build_val_loader(root: Path, data_config: Mapping[str, Any], *, batch_size: int, num_workers: int) -> Iterable:
-    from data_pipes.augment import build_eval_transform
-    from data_pipes.datamodule import build_eval_loader
+    from data_pipes.image.augment import build_eval_transform
+    from data_pipes.stream.datamodule import build_eval_loader
 
     transform = build_eval_transform(data_config["input_size"][-1], crop_pct=data_config["crop_pct"],
                                      interpolation=data_config["interpolation"])
@@ -169,7 +169,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data_pipes.metadata import DatasetError
+    from data_pipes.shards.metadata import DatasetError
 
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipes.metadata import INFO_FILE
-from data_pipes.shard_labels import ShardSourceError
-from data_pipes.shard_scan import Entry, Source
+from data_pipes.shards.metadata import INFO_FILE
+from data_pipes.shards.scan import Entry, Source
+from data_pipes.shards.val_labels import ShardSourceError
 
 PLAN_FILE = "_plan.json"
 PROGRESS_FILE = "_progress.jsonl"

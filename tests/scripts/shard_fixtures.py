@@ -15,7 +15,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from data_pipes.metadata import DatasetInfo, SplitInfo, write_info
+from data_pipes.shards.metadata import DatasetInfo, SplitInfo, write_info
 
 # Each planted kind of bad `jpg` payload, by name.
 BAD_PAYLOADS = ("corrupt_jpeg", "truncated_jpeg", "empty", "not_image")

@@ -26,8 +26,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-from data_pipes.metadata import MAKE_SHARDS_HINT
-from data_pipes.stream_plan import (
+from data_pipes.shards.metadata import MAKE_SHARDS_HINT
+from data_pipes.shards.read import ShardIndex, ShardIndexCache, read_run
+from data_pipes.stream.plan import (
     BatchRef,
     EpochLayout,
     Window,
@@ -41,7 +42,6 @@ from data_pipes.stream_plan import (
     val_windows,
     window_size,
 )
-from data_pipes.stream_read import ShardIndex, ShardIndexCache, read_run
 
 Transform = Callable[[bytes], np.ndarray]
 _MAX_REPORTED = 20  # bad samples named in an error; the rest are counted

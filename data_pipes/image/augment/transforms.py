@@ -13,10 +13,17 @@ import albumentations as A
 import numpy as np
 import torch
 
-from data_pipes.augment.erasing import RandomErasing, RandomErasingConfig
-from data_pipes.augment.policies import RandAugmentConfig, build_autoaugment, build_randaugment
-from data_pipes.augment.policy_ops import RANDOM_INTERPOLATIONS
-from data_pipes.decode import INTERPOLATIONS, center_crop, crop_resize, eval_resize_size, open_image, random_resized_box
+from data_pipes.image.augment.erasing import RandomErasing, RandomErasingConfig
+from data_pipes.image.augment.policies import RandAugmentConfig, build_autoaugment, build_randaugment
+from data_pipes.image.augment.policy_ops import RANDOM_INTERPOLATIONS
+from data_pipes.image.decode import (
+    INTERPOLATIONS,
+    center_crop,
+    crop_resize,
+    eval_resize_size,
+    open_image,
+    random_resized_box,
+)
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ class TrainTransform:
     from it and re-seeds this transform's private generators (a numpy one for the crop, shared with every
     albumentations transform, and albumentations' python one) from that draw and the rank. Hence DataLoader workers
     (each torch-seeded base_seed + worker id) never repeat each other, torch.manual_seed / seed_everything makes
-    runs reproducible, data_pipes.stream's per-batch torch re-seeding makes a resumed batch augment identically,
+    runs reproducible, data_pipes.stream.loader's per-batch torch re-seeding makes a resumed batch augment identically,
     and DDP ranks that share a seed still augment differently. Costs ~13 us per call.
     """
 
@@ -183,17 +190,18 @@ class EvalTransform:
 def build_train_transform(
     img_size: int,
     *,
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3),
-    hflip: float = 0.5,
-    interpolation: str = "bilinear",
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    hflip: float,
+    interpolation: str,
     randaugment: Mapping[str, Any] | None = None,
     autoaugment: str | None = None,
     color_jitter: Mapping[str, Any] | None = None,
     random_erasing: Mapping[str, Any] | None = None,
     dct_reduce: bool = True,
 ) -> TrainTransform:
-    """Build the train transform from `conf/aug/<recipe>.yaml: train` (dicts or DictConfigs both work).
+    """Build the train transform from `conf/aug/<recipe>.yaml: train` (dicts or DictConfigs both work); the recipe
+    files are the only place its values are chosen, so the crop and flip settings have no defaults here.
 
     interpolation: resize filter of the crop (nearest, bilinear, bicubic, lanczos, box, hamming, or 'random' =
     bilinear/bicubic per sample as timm's train default); timm/torchvision policy ops use it too.
@@ -214,9 +222,10 @@ def build_train_transform(
 
 
 def build_eval_transform(
-    img_size: int, crop_pct: float = 0.875, interpolation: str = "bilinear", *, dct_reduce: bool = True
+    img_size: int, crop_pct: float, interpolation: str, *, dct_reduce: bool = True
 ) -> EvalTransform:
-    """Decode + resize shorter side to int(img_size / crop_pct) + centre crop img_size (timm's eval transform)."""
+    """Decode + resize shorter side to int(img_size / crop_pct) + centre crop img_size (timm's eval transform).
+    crop_pct and interpolation come from the model's timm data config (`resolve_model_data_config`)."""
     return EvalTransform(int(img_size), float(crop_pct), str(interpolation), bool(dct_reduce))
 
 

@@ -18,9 +18,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 
-from data_pipes.metadata import read_info
-from data_pipes.stream import ShardLoader, ShardStream, Transform, stream_batches
-from data_pipes.stream_health import DataHealthMonitor
+from data_pipes.shards.metadata import read_info
+from data_pipes.stream.health import DataHealthMonitor
+from data_pipes.stream.loader import ShardLoader, ShardStream, Transform, stream_batches
 
 __all__ = ["DataHealthMonitor", "ShardDataModule", "build_eval_loader"]
 
@@ -40,14 +40,15 @@ class ShardDataModule(LightningDataModule):
     def __init__(
         self,
         root: str,
+        *,
         batch_size: int,
         num_workers: int,
         train_transform: Transform,
         eval_transform: Transform,
         seed: int,
-        shuffle_window: int = 1024,
+        shuffle_window: int,
+        max_bad_fraction: float,
         val_batch_size: int | None = None,
-        max_bad_fraction: float = 0.01,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         prefetch_factor: int = 4,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_pipes.shard_plan import PARTIAL_SUFFIX
-from data_pipes.shard_scan import Skip
+from data_pipes.shards.plan import PARTIAL_SUFFIX
+from data_pipes.shards.scan import Skip
 
 VALIDATE_MODES = ("draft", "full")
 DEFAULT_QUALITY = 90

@@ -14,7 +14,7 @@ from pathlib import Path
 
 INFO_FILE = "_info.json"
 FORMAT = "mobilenet-train/wds-v1"
-MAKE_SHARDS_HINT = "python -m data_pipes.make_shards --src /data/imagenet --out /data/imagenet-wds"
+MAKE_SHARDS_HINT = "python -m data_pipes.shards.make --src /data/imagenet --out /data/imagenet-wds"
 
 
 class DatasetError(ValueError):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import albumentations as A
 from timm.data import IMAGENET_DEFAULT_MEAN
 
-from data_pipes.augment.policy_ops import OpStyle, PolicyOp
+from data_pipes.image.augment.policy_ops import OpStyle, PolicyOp
 
 # TF Model Garden RandAugment op list (official/vision/ops/augment.py), in its order.
 TF_RANDAUGMENT_OPS = (
@@ -67,7 +67,7 @@ class RandAugmentConfig:
     magnitude_std: float = 0.0
     magnitude_max: float | None = None  # clip bound; None = 10 for timm, max(10, magnitude) for tf
     exclude: tuple[str, ...] = ()
-    flavor: str = "tf"  # tf | timm: op list and argument ranges (see data_pipes.augment.policy_ops)
+    flavor: str = "tf"  # tf | timm: op list and argument ranges (see data_pipes.image.augment.policy_ops)
     increasing: bool = False  # timm 'inc1': severity grows with magnitude for every op
     translate_const: float = 10.0  # tf: translation in pixels at magnitude 10
     cutout_const: float = 40.0  # tf: Cutout half-size in pixels at magnitude 10

@@ -1,6 +1,6 @@
 """Turn an ImageNet-layout folder into WebDataset tar shards plus timm's `_info.json`.
 
-    python -m data_pipes.make_shards --src /data/imagenet --out /data/imagenet-wds
+    python -m data_pipes.shards.make --src /data/imagenet --out /data/imagenet-wds
 
 Input: SRC/train/<class>/**/<image> and SRC/val/<class>/**/<image> (ImageFolder layout), or ImageNet's flat
 SRC/val/<image> with a label file (Kaggle's LOC_val_solution.csv, found in or next to SRC; or the devkit's
@@ -28,9 +28,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_pipes.metadata import INFO_FILE, DatasetInfo, SplitInfo, write_info
-from data_pipes.shard_labels import ShardSourceError
-from data_pipes.shard_plan import (
+from data_pipes.shards.metadata import INFO_FILE, DatasetInfo, SplitInfo, write_info
+from data_pipes.shards.plan import (
     PLAN_FILE,
     SKIPPED_FILE,
     Plan,
@@ -43,8 +42,9 @@ from data_pipes.shard_plan import (
     read_plan_file,
     tar_bytes,
 )
-from data_pipes.shard_scan import SPLITS, Skip, Source, scan_source
-from data_pipes.shard_write import DEFAULT_QUALITY, VALIDATE_MODES, Recode, ShardTask, load_sample, write_shard
+from data_pipes.shards.scan import SPLITS, Skip, Source, scan_source
+from data_pipes.shards.val_labels import ShardSourceError
+from data_pipes.shards.write import DEFAULT_QUALITY, VALIDATE_MODES, Recode, ShardTask, load_sample, write_shard
 
 DEFAULT_SHARD_BYTES = 10**9
 _RATIO_SAMPLE = 64  # images re-encoded up front to predict shard bytes when resizing
@@ -309,7 +309,7 @@ def _size_arg(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_pipes.make_shards", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m data_pipes.shards.make", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--src", required=True, help="ImageNet-layout folder with train/ and/or val/")
     p.add_argument("--out", required=True, help="directory for the shards and _info.json (created if needed)")

@@ -1,6 +1,6 @@
 """Train and eval transforms: `bytes -> np.uint8 [S, S, 3]` RGB, picklable, one call per sample.
 
-Train = fused decode + Inception crop (data_pipes.decode: the random-resized-crop box is drawn on the header
+Train = fused decode + Inception crop (data_pipes.image.decode: the random-resized-crop box is drawn on the header
 geometry, the JPEG decoded DCT-reduced when the box is large, and only the box resampled to S x S), then an
 albumentations pipeline on the S x S image: horizontal flip -> AutoAugment | RandAugment -> colour jitter ->
 random erasing (timm's order). Eval = decode (DCT-reduced when possible) + resize shorter side to
@@ -21,10 +21,10 @@ import os
 # imports it.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from data_pipes.augment.erasing import RandomErasing, RandomErasingConfig  # noqa: E402
-from data_pipes.augment.policies import AUTOAUGMENT_POLICIES, RandAugmentConfig, randaugment_ops  # noqa: E402
-from data_pipes.augment.policy_ops import PolicyOp  # noqa: E402
-from data_pipes.augment.transforms import (  # noqa: E402
+from data_pipes.image.augment.erasing import RandomErasing, RandomErasingConfig  # noqa: E402
+from data_pipes.image.augment.policies import AUTOAUGMENT_POLICIES, RandAugmentConfig, randaugment_ops  # noqa: E402
+from data_pipes.image.augment.policy_ops import PolicyOp  # noqa: E402
+from data_pipes.image.augment.transforms import (  # noqa: E402
     ColorJitterConfig,
     EvalTransform,
     TrainTransform,

@@ -11,8 +11,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from data_pipes.metadata import MAKE_SHARDS_HINT
-from data_pipes.stream import DataError
+from data_pipes.shards.metadata import MAKE_SHARDS_HINT
+from data_pipes.stream.loader import DataError
 
 _MAX_REPORTED = 20
 

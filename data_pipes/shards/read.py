@@ -5,7 +5,7 @@ sharing the name before the first dot; `__meta__` members are skipped; suffixes 
 here are the ones `tar_file_expander` + `group_by_keys` would yield from the same offset.
 
 Plain ustar shards (what webdataset's TarWriter, GNU tar and Python's tarfile write for short names: every shard
-`data_pipes.make_shards` writes) are walked by reading each 512-byte header directly, and each sample is then one
+`data_pipes.shards.make` writes) are walked by reading each 512-byte header directly, and each sample is then one
 read of its bytes, parsed in memory: ~10x less Python per sample than tarfile's member objects, which matters
 because a loader worker does it for every image of every epoch. A shard with pax or GNU long-name headers is
 read through webdataset's own tar iterator instead.

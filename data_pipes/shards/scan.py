@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipes.shard_labels import LABEL_HELP, ShardSourceError, find_val_labels, image_id, read_val_labels
+from data_pipes.shards.val_labels import LABEL_HELP, ShardSourceError, find_val_labels, image_id, read_val_labels
 
 SPLITS = ("train", "val")
 # torchvision's ImageFolder extensions; other files are reported, never packed.
