@@ -14,12 +14,14 @@ log = logging.getLogger("train")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from data_pipes.shards.metadata import DatasetError
+    from distill.kdset import KDSetError
+    from distill.teacher import TeacherError
     from train.models import ModelConfigError
     from train.run import train
 
     try:
         train(cfg)
-    except (DatasetError, ModelConfigError, NotImplementedError) as e:
+    except (DatasetError, ModelConfigError, TeacherError, KDSetError, NotImplementedError) as e:
         # Bad input, not a bug: say what is wrong and how to fix it, without a stack trace.
         log.error("%s", e)
         sys.exit(2)

@@ -22,6 +22,22 @@ from train.optim import OptimizerFactory, SchedulerFactory
 BatchMixing = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+class NoValExtras(nn.Module):
+    """No validation metrics beyond the module's own."""
+
+    def place(self, device) -> None:
+        """Nothing to move."""
+
+    def update(self, logits: Tensor, batch: dict[str, Any]) -> None:
+        """Nothing to count."""
+
+    def compute(self) -> dict[str, Tensor]:
+        return {}
+
+    def reset(self) -> None:
+        """Nothing to reset."""
+
+
 class ImageClassifier(LightningModule):
     def __init__(
         self,
@@ -32,6 +48,7 @@ class ImageClassifier(LightningModule):
         std: Sequence[float],
         objective: nn.Module,
         batch_mixing: BatchMixing,
+        val_extras: nn.Module | None = None,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory,
         updates_per_epoch: Callable[[], int],
@@ -42,6 +59,8 @@ class ImageClassifier(LightningModule):
         self.model = model
         self.objective = objective
         self.batch_mixing = batch_mixing
+        # More validation metrics from a component (distillation: the teacher's top-1 and the agreement with it).
+        self.val_extras = val_extras if val_extras is not None else NoValExtras()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.updates_per_epoch = updates_per_epoch
@@ -76,25 +95,36 @@ class ImageClassifier(LightningModule):
             self.flops_per_batch = self.flops_per_image * images.size(0)
         return batch
 
+    def on_fit_start(self) -> None:
+        self.objective.place(self.device)
+        self.val_extras.place(self.device)
+
+    def on_validation_start(self) -> None:
+        self.val_extras.place(self.device)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images, targets = self.batch_mixing(batch["image"], batch["target"])
         logits = self(images)
-        losses = self.objective(logits, targets, images)
+        losses = self.objective(logits, targets, images, batch)
         self._log_train(losses, logits, batch["target"])
         return losses["loss"]
 
     def _log_train(self, losses: dict[str, Tensor], logits: Tensor, labels: Tensor) -> None:
         # Every step only adds to device-side counters (no host sync, no Lightning bookkeeping); values are logged on
-        # logging steps (the batch's loss and accuracy) and at the epoch's end (the exact epoch accuracy).
+        # logging steps (the batch's loss and accuracy) and at the epoch's end (the exact epoch accuracy). Samples
+        # without a label (-1: the extra data of distillation) are not counted.
         with torch.no_grad():
-            hits = logits.topk(self.top_k, dim=1).indices.eq(labels.unsqueeze(1))
-            counts = torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
-        self._train_counts[:2] += counts
-        self._train_counts[2] += labels.numel()
+            labelled = labels >= 0
+            hits = logits.topk(self.top_k, dim=1).indices.eq(labels.unsqueeze(1)) & labelled.unsqueeze(1)
+            counts = torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), labelled.sum()])
+        if self._train_counts.device != counts.device:  # on_train_epoch_start is skipped on a mid-epoch restart
+            self._train_counts = self._train_counts.to(counts.device)
+        self._train_counts += counts
         if not self._is_logging_step():
             return
         batch_size = labels.numel()
-        accuracy = {"train/acc1": counts[0] * (100.0 / batch_size), "train/acc5": counts[1] * (100.0 / batch_size)}
+        seen = counts[2].clamp_min(1)
+        accuracy = {"train/acc1": counts[0] * 100.0 / seen, "train/acc5": counts[1] * 100.0 / seen}
         self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True, batch_size=batch_size)
         self.log_dict(accuracy, batch_size=batch_size)
 
@@ -114,7 +144,9 @@ class ImageClassifier(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # Padding samples (valid=False) keep every rank's batch count equal; they are never counted.
         valid = batch["valid"]
-        logits, targets = self(batch["image"])[valid], batch["target"][valid]
+        all_logits = self(batch["image"])
+        self.val_extras.update(all_logits, batch)
+        logits, targets = all_logits[valid], batch["target"][valid]
         self.val_acc1.update(logits, targets)
         self.val_acc5.update(logits, targets)
         if targets.numel():
@@ -130,7 +162,8 @@ class ImageClassifier(LightningModule):
             "val/images": self.val_images.compute().float(),
             "val/acc1_best": self.val_acc1_best.compute(), "val/acc5_best": self.val_acc5_best.compute(),
         }, prog_bar=True, sync_dist=False)  # torchmetrics already reduced these over all ranks
-        for metric in (self.val_acc1, self.val_acc5, self.val_loss, self.val_images):
+        self.log_dict(self.val_extras.compute(), sync_dist=False)
+        for metric in (self.val_acc1, self.val_acc5, self.val_loss, self.val_images, self.val_extras):
             metric.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:

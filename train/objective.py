@@ -1,7 +1,9 @@
 """What the training step minimises, and the batch-level mixing in front of it.
 
-The step calls `objective(logits, targets, images)` and logs every term of the returned dict, so a distillation
-objective (which needs the images for its teacher) drops in without touching the step.
+The step calls `objective(logits, targets, images, batch)` and logs every term of the returned dict, so a
+distillation objective (which reads its teacher's view or the stored teacher labels from the batch) drops in without
+touching the step. `place(device)` puts whatever an objective holds outside the module tree (a frozen teacher) on
+the step's device.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ class ClassificationObjective(nn.Module):
         self.hard = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.soft = SoftTargetCrossEntropy()
 
-    def forward(self, logits: Tensor, targets: Tensor, images: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, logits: Tensor, targets: Tensor, images: Tensor, batch: dict) -> dict[str, Tensor]:
         loss = self.soft(logits, targets) if targets.ndim == 2 else self.hard(logits, targets)
         return {"loss": loss}
+
+    def place(self, device) -> None:
+        """Nothing outside the module tree to move."""
 
 
 class NoMixing:
@@ -42,10 +47,3 @@ def build_batch_mixing(
                  label_smoothing=label_smoothing, num_classes=num_classes, **kwargs)
 
 
-def build_objective(*, distill: bool, label_smoothing: float) -> nn.Module:
-    if distill:
-        raise NotImplementedError(
-            "distill=true composes, but the MNv4 distillation recipe is not implemented yet (it lands with its own "
-            "issue; kd/ holds its settings). Run without distill=true for now."
-        )
-    return ClassificationObjective(label_smoothing)

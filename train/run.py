@@ -21,7 +21,7 @@ from data_pipes.stream.datamodule import ShardDataModule
 from train.callbacks import AtomicCheckpointIO, RunRecord, build_callbacks
 from train.models import check_img_size, check_model_name, count_macs, create_model
 from train.module import ImageClassifier
-from train.objective import build_batch_mixing, build_objective
+from train.objective import ClassificationObjective, NoMixing, build_batch_mixing
 from train.optim import optimizer_factory, scheduler_factory
 from train.quantize import prepare_qat
 from train.tracking import RunIdentity, build_loggers, define_summaries, record_summary
@@ -44,16 +44,15 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
     run_dir.mkdir(parents=True, exist_ok=True)
     info = prepare_dataset(cfg.data.root, synthetic=_plain(cfg.data.synthetic))
 
-    model = create_model(cfg.model.name, num_classes=info.num_classes, drop_rate=cfg.model.drop_rate,
-                         drop_path_rate=cfg.model.drop_path_rate)
+    model = create_model(cfg.model.name, num_classes=info.num_classes, **_regularisation(cfg))
     data_config = _data_config(model, cfg)
     img_size = data_config["input_size"][-1]
     check_img_size(model, img_size)
     macs = count_macs(model, img_size)
     model = prepare_qat(model, enabled=cfg.qat)
 
-    datamodule = _build_datamodule(cfg, data_config)
-    module = _build_module(cfg, model, info, data_config, datamodule, macs)
+    datamodule, objective, val_extras, kd_record = _build_data_and_objective(cfg, info, data_config)
+    module = _build_module(cfg, model, info, data_config, datamodule, macs, objective, val_extras)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     identity = RunIdentity(model_key=cfg.model.key, family=cfg.model.family, recipe=cfg.recipe,
                            distill=cfg.distill, qat=cfg.qat, seed=cfg.seed)
@@ -70,7 +69,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
                         callbacks=[*run_callbacks, *datamodule.callbacks(), *callbacks],
                         enable_progress_bar=cfg.callbacks.progress_bar, plugins=[AtomicCheckpointIO()])
     define_summaries(loggers)
-    record_summary(loggers, {"model/params_m": _params_m(model), "model/macs_m": macs / 1e6, "img_size": img_size})
+    record_summary(loggers, {"model/params_m": _params_m(model), "model/macs_m": macs / 1e6, "img_size": img_size,
+                             **kd_record})
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -94,15 +94,22 @@ def _data_config(model: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
 
 
-def _build_datamodule(cfg: DictConfig, data_config: dict[str, Any]) -> ShardDataModule:
+def _regularisation(cfg: DictConfig) -> dict[str, float | None]:
+    """The model's dropout and stochastic depth; a distillation recipe may set its own (kd.drop_rate, ...)."""
+    rates = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
+    if cfg.distill:
+        rates.update({k: cfg.kd[k] for k in rates if cfg.kd[k] is not None})
+    return rates
+
+
+def _datamodule_args(cfg: DictConfig, data_config: dict[str, Any]) -> dict[str, Any]:
     img_size = data_config["input_size"][-1]
-    aug = cfg.aug.train
-    return ShardDataModule(
+    return dict(
         root=cfg.data.root,
         batch_size=cfg.data.batch_size,
         val_batch_size=cfg.data.val_batch_size,
         num_workers=cfg.data.num_workers,
-        train_transform=build_train_transform(img_size, **_plain(aug)),
+        train_transform=build_train_transform(img_size, **_plain(cfg.aug.train)),
         eval_transform=build_eval_transform(img_size, crop_pct=data_config["crop_pct"],
                                             interpolation=data_config["interpolation"]),
         seed=cfg.seed,
@@ -111,8 +118,20 @@ def _build_datamodule(cfg: DictConfig, data_config: dict[str, Any]) -> ShardData
     )
 
 
+def _build_data_and_objective(cfg: DictConfig, info: DatasetInfo, data_config: dict[str, Any]):
+    """The datamodule, the objective and extra validation metrics: labels only, or a distillation recipe's."""
+    args = _datamodule_args(cfg, data_config)
+    if not cfg.distill:
+        return ShardDataModule(**args), ClassificationObjective(cfg.label_smoothing), None, {}
+    from distill.recipe import build_distillation
+
+    kd = build_distillation(cfg, info, data_config, args)
+    return kd.datamodule, kd.objective, kd.val_extras, {"kd": kd.record}
+
+
 def _build_module(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, data_config: dict[str, Any],
-                  datamodule: ShardDataModule, macs: float) -> ImageClassifier:
+                  datamodule: ShardDataModule, macs: float, objective: torch.nn.Module,
+                  val_extras: torch.nn.Module | None) -> ImageClassifier:
     optim = dict(_plain(cfg.optim))
     sched = dict(_plain(cfg.sched))
 
@@ -126,15 +145,22 @@ def _build_module(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, da
         num_classes=info.num_classes,
         mean=data_config["mean"],
         std=data_config["std"],
-        objective=build_objective(distill=cfg.distill, label_smoothing=cfg.label_smoothing),
-        batch_mixing=build_batch_mixing(num_classes=info.num_classes, label_smoothing=cfg.label_smoothing,
-                                        **_plain(cfg.aug.mixup)),
+        objective=objective,
+        batch_mixing=_batch_mixing(cfg, info),
+        val_extras=val_extras,
         optimizer=optimizer_factory(**optim),
         scheduler=scheduler_factory(num_epochs=cfg.trainer.max_epochs, **sched),
         updates_per_epoch=updates_per_epoch,
         channels_last=cfg.channels_last,
         macs_per_image=macs,
     )
+
+
+def _batch_mixing(cfg: DictConfig, info: DatasetInfo):
+    if cfg.distill and cfg.kd.method == "soft_target":
+        return NoMixing()  # the recipe's views are already mixed where the recipe mixes (D2); the student only flips
+    return build_batch_mixing(num_classes=info.num_classes, label_smoothing=cfg.label_smoothing,
+                              **_plain(cfg.aug.mixup))
 
 
 def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ state). Prefer `steps_per_epoch(world_size)` for schedules anyway: it is exact a
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,9 +20,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from data_pipes.shards.metadata import read_info
 from data_pipes.stream.health import DataHealthMonitor
-from data_pipes.stream.loader import ShardLoader, ShardStream, Transform, stream_batches
+from data_pipes.stream.loader import DataError, ShardLoader, ShardStream, Transform, stream_batches
+from data_pipes.stream.mixture import MixtureLoader, MixtureStream
 
-__all__ = ["DataHealthMonitor", "ShardDataModule", "build_eval_loader"]
+__all__ = ["DataHealthMonitor", "MixtureDataModule", "ShardDataModule", "build_eval_loader"]
 
 # Our loaders' __len__ is exact on every rank and worker count (that is the point of the planner).
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -198,3 +199,66 @@ def build_eval_loader(
     )
     prefetch = 2 if num_workers else None
     return ShardLoader(stream, num_workers=num_workers, pin_memory=torch.cuda.is_available(), prefetch_factor=prefetch)
+
+
+class MixtureDataModule(ShardDataModule):
+    """Training batches mixed from several sources (`mixture.MixtureStream`, made per rank by `make_stream`);
+    validation as `ShardDataModule`'s, on `root`'s val split.
+
+    An epoch is `epoch_samples` samples over all ranks (by default the labelled train split's size, so that epochs
+    compare with a labels-only run at equal images seen). The position in checkpoints is (epoch, batches trained in
+    it); every source's position follows from it."""
+
+    def __init__(self, root: str, *, make_stream: Callable[[int, int, int], MixtureStream], epoch_samples: int | None,
+                 **kwargs) -> None:
+        super().__init__(root, **kwargs)
+        self.make_stream = make_stream
+        self.epoch_samples = epoch_samples or self.num_train_samples
+        self._mixture_resume: tuple[int, int] | None = None
+
+    def steps_per_epoch(self, world_size: int) -> int:
+        steps = self.epoch_samples // (world_size * self.batch_size)
+        if steps == 0:
+            raise DataError(f"kd.epoch_samples={self.epoch_samples} is fewer than world_size x batch_size = "
+                            f"{world_size} x {self.batch_size}: no rank gets a batch")
+        return steps
+
+    def train_dataloader(self) -> MixtureLoader:
+        stream = self.make_stream(self.rank, self.world_size, self.steps_per_epoch(self.world_size))
+        self._train_loader = MixtureLoader(stream, num_workers=self.num_workers,
+                                           pin_memory=self.pin_memory and self._on_accelerator(),
+                                           persistent_workers=self.persistent_workers,
+                                           prefetch_factor=self.prefetch_factor, position=self._mixture_position)
+        return self._train_loader
+
+    def _mixture_position(self) -> tuple[int, int] | None:
+        if self._mixture_resume is not None:
+            position, self._mixture_resume = self._mixture_resume, None
+            return position
+        return (self.trainer.current_epoch, 0) if self.trainer is not None else None
+
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        fit_loop = trainer.fit_loop
+        epoch = max(0, fit_loop.epoch_progress.current.started - 1)
+        batches = fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= min(self.steps_per_epoch(self.world_size), trainer.num_training_batches):
+            epoch, batches = epoch + 1, 0
+        return {"format": _STATE_FORMAT, "mixture": True, "epoch": epoch, "batches": batches,
+                "plan": self._mixture_identity()}
+
+    def _mixture_identity(self) -> dict:
+        return {"epoch_samples": self.epoch_samples, "world_size": self.world_size, "batch_size": self.batch_size,
+                "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict or not state_dict.get("mixture"):
+            return
+        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        if state_dict.get("plan") != self._mixture_identity() and batches:
+            rank_zero_warn(f"Resuming mid-epoch {epoch} with another kd stream plan ({state_dict.get('plan')} saved, "
+                           f"{self._mixture_identity()} now): the epoch goes on from batch {batches} of the new plan.")
+            batches = min(batches, self.steps_per_epoch(self.world_size))
+        self._mixture_resume = (epoch, batches)

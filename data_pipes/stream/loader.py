@@ -55,7 +55,8 @@ class ShardStream(IterableDataset):
     """One rank's batches of one split, planned at the sample level (see `stream_plan`).
 
     `shards` are (path, sample count) in metadata order; `transform` is any picklable callable turning the raw
-    `jpg` bytes into an HWC uint8 RGB array (it may raise for a corrupt image). `train=True` shuffles (shards per
+    `jpg` bytes into an HWC uint8 RGB array, or a dict of them collated under their names (`image` first; it may
+    raise for a corrupt image). `train=True` shuffles (shards per
     epoch, samples within windows of `shuffle_window`) and drops the remainder; `train=False` reads in dataset
     order and pads instead.
     """
@@ -278,9 +279,11 @@ def _stack(images: list[np.ndarray]) -> torch.Tensor:
 
 
 def _collate(images: list, targets: list, keys: list, valid: list, bad_keys: list) -> dict:
+    # A transform returns one array, or a dict of arrays (e.g. `image` and the teacher's `teacher_image`).
+    views = {"image": images} if not isinstance(images[0], dict) else {k: [v[k] for v in images] for k in images[0]}
     return {
         # NHWC memory seen as NCHW: channels_last without a copy.
-        "image": _stack(images).permute(0, 3, 1, 2),
+        **{name: _stack(arrays).permute(0, 3, 1, 2) for name, arrays in views.items()},
         "target": torch.tensor(targets, dtype=torch.int64),
         "valid": torch.tensor(valid, dtype=torch.bool),
         "key": keys,

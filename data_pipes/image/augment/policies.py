@@ -93,13 +93,17 @@ def randaugment_ops(cfg: RandAugmentConfig) -> tuple[str, ...]:
     return tuple(op for op in ops if op not in cfg.exclude)
 
 
-def build_randaugment(cfg: RandAugmentConfig, interpolation: str) -> A.BaseCompose:
+def randaugment_style(cfg: RandAugmentConfig, interpolation: str) -> tuple[OpStyle, float]:
+    """The op style of a RandAugment config and the magnitude its draws are clipped to."""
     if cfg.flavor == "tf":
         style = OpStyle("tf", 10.0, (128, 128, 128), "nearest", cfg.translate_const, cfg.cutout_const)
-        upper = cfg.magnitude_max if cfg.magnitude_max is not None else max(10.0, cfg.magnitude)
-    else:
-        style = OpStyle("timm_inc" if cfg.increasing else "timm", 10.0, _mean_fill(), interpolation)
-        upper = cfg.magnitude_max if cfg.magnitude_max is not None else 10.0
+        return style, cfg.magnitude_max if cfg.magnitude_max is not None else max(10.0, cfg.magnitude)
+    style = OpStyle("timm_inc" if cfg.increasing else "timm", 10.0, _mean_fill(), interpolation)
+    return style, cfg.magnitude_max if cfg.magnitude_max is not None else 10.0
+
+
+def build_randaugment(cfg: RandAugmentConfig, interpolation: str) -> A.BaseCompose:
+    style, upper = randaugment_style(cfg, interpolation)
 
     def layer() -> A.OneOf:
         ops = [PolicyOp(op, cfg.magnitude, style, cfg.magnitude_std, upper) for op in randaugment_ops(cfg)]

@@ -201,6 +201,28 @@ _KERNELS = {
 }
 
 
+def cv2_interpolation(name: str) -> int:
+    """OpenCV's flag for a filter name (bilinear for names OpenCV lacks)."""
+    return _CV2_INTERP.get(name, cv2.INTER_LINEAR)
+
+
+def _magnitude(op: PolicyOp, uniform, gauss) -> float:
+    if op.magnitude is None:
+        return 0.0
+    m = float(op.magnitude)
+    if op.magnitude_std >= 100:  # timm: mstd > 100 means uniform in [0, m]
+        m = uniform(0.0, m)
+    elif op.magnitude_std > 0:
+        m = gauss(m, op.magnitude_std)
+    return min(max(m, 0.0), op.magnitude_max)
+
+
+def sample_magnitude(op: PolicyOp, rng: np.random.Generator) -> float:
+    """A magnitude for one call of `op`, drawn as the op itself draws it, from a numpy generator (for views whose
+    parameters are stored, data_pipes.image.views)."""
+    return _magnitude(op, rng.uniform, rng.normal)
+
+
 class PolicyOp(A.ImageOnlyTransform):
     """One AutoAugment/RandAugment op at a magnitude; argument, sign and interpolation are drawn per call."""
 
@@ -232,20 +254,13 @@ class PolicyOp(A.ImageOnlyTransform):
         }
 
     def _sample_magnitude(self) -> float:
-        if self.magnitude is None:
-            return 0.0
-        m = float(self.magnitude)
-        if self.magnitude_std >= 100:  # timm: mstd > 100 means uniform in [0, m]
-            m = self.py_random.uniform(0.0, m)
-        elif self.magnitude_std > 0:
-            m = self.py_random.gauss(m, self.magnitude_std)
-        return min(max(m, 0.0), self.magnitude_max)
+        return _magnitude(self, self.py_random.uniform, self.py_random.gauss)
 
     def _sample_interpolation(self) -> int:
         name = self.style.interpolation
         if name == "random":
             name = RANDOM_INTERPOLATIONS[self.py_random.random() < 0.5]
-        return _CV2_INTERP.get(name, cv2.INTER_LINEAR)
+        return cv2_interpolation(name)
 
     def apply(self, img: np.ndarray, level: float, sign: float, resample: int, center: tuple[float, float],
               **params: Any) -> np.ndarray:

@@ -1,0 +1,367 @@
+"""Batches mixed from several sources by weight: the distillation recipe's D1 : D2 : D3 stream.
+
+Composition. Batch g (counted over the whole run, the same on every rank) takes its samples from slots
+[g*B, (g+1)*B) of one global slot sequence, and each slot goes to a source by smooth weighted round-robin on the
+integer weights: every W = sum(w) consecutive slots hold exactly w_s slots of source s. So a batch holds exactly
+B*w_s/W samples of source s whenever that is whole for every source (B a multiple of W), and otherwise counts that
+differ from it by less than one, the remainders carried from batch to batch: the long-run ratio is exact.
+
+Order. Each source is read pass after pass: pass q visits every member once (the source's samples; for the
+class-balanced extra data, its selection with rare classes repeated), its blocks (one per source shard) in a
+seeded order, each rank a contiguous N // world share of it, shuffled in windows, as the labels-only stream reads
+an epoch (`plan`). A source's i-th sample on a rank is sample i mod M of pass i // M (M = N // world), and the
+samples a run has taken from it before batch g are a pure function of g, so the position of every source is
+(epoch, batches trained in it), which a checkpoint stores. Rank r's loader worker k yields the batches
+start + k, start + k + workers, ..., which torch's round-robin delivers in order.
+
+What a sample is comes from the source's `ViewSource`: a fresh view drawn on the fly (online distillation), a
+stored view replayed from its parameters, or a stored view's pixels, each with the teacher's stored labels when
+there are any. The view is then flipped (the student's only augmentation) and resized to the student's and, when
+the teacher runs online, to the teacher's resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache, reduce
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipes.image.decode import resize
+from data_pipes.shards.read import ShardIndexCache, read_run
+from data_pipes.stream.loader import DataError, _single_threaded_worker, _stack
+from data_pipes.stream.plan import EpochLayout, window_size
+
+_PASS_SALT = 0x5EED_0011
+_FLIP_SALT = 0x5EED_0012
+_MAX_WEIGHT_DENOMINATOR = 1000
+
+
+# ------------------------------------------------------------------------------------------------ composition
+
+
+def integer_weights(weights: Sequence[float]) -> tuple[int, ...]:
+    """Positive weights as the smallest integers in the same ratio (1 : 1 : 2 stays; 0.25 : 0.75 -> 1 : 3)."""
+    if not weights or any(not w > 0 for w in weights):
+        raise ValueError(f"source weights must be positive numbers, got {list(weights)}")
+    fractions = [Fraction(w).limit_denominator(_MAX_WEIGHT_DENOMINATOR) for w in weights]
+    scale = reduce(math.lcm, (f.denominator for f in fractions))
+    ints = [int(f * scale) for f in fractions]
+    common = reduce(math.gcd, ints)
+    return tuple(i // common for i in ints)
+
+
+@lru_cache(maxsize=64)
+def _period(weights: tuple[int, ...]) -> tuple[int, ...]:
+    """The source of each slot of one period (sum(weights) slots): smooth weighted round-robin."""
+    total, credit, out = sum(weights), [0] * len(weights), []
+    for _ in range(total):
+        credit = [c + w for c, w in zip(credit, weights)]
+        best = max(range(len(weights)), key=lambda s: (credit[s], -s))
+        credit[best] -= total
+        out.append(best)
+    return tuple(out)
+
+
+def slots_taken(weights: tuple[int, ...], slots: int) -> list[int]:
+    """How many of slots [0, slots) each source holds."""
+    period = _period(weights)
+    full, part = divmod(slots, len(period))
+    counts = [w * full for w in weights]
+    for s in period[:part]:
+        counts[s] += 1
+    return counts
+
+
+def batch_counts(weights: tuple[int, ...], batch_size: int, batch: int) -> list[int]:
+    """Samples of each source in global batch `batch`."""
+    before = slots_taken(weights, batch * batch_size)
+    after = slots_taken(weights, (batch + 1) * batch_size)
+    return [a - b for a, b in zip(after, before)]
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sample of a source: which member (index into the source's members), in which pass."""
+
+    source: int
+    member: int
+    pass_: int
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What a ViewSource makes of an item: the view (uint8 HWC), the true class (-1: unlabelled), and the teacher's
+    stored top-k (ids, probabilities) when the source has them. `error` names why there is no view."""
+
+    view: np.ndarray | None
+    target: int
+    key: str
+    kd_ids: np.ndarray | None = None
+    kd_probs: np.ndarray | None = None
+    error: str | None = None
+
+
+class SourceReader:
+    """Reads the members of one source from its shards: `blocks[k]` = (shard path, local indices of the block's
+    members in that shard, sorted). Members are numbered block after block."""
+
+    def __init__(self, blocks: Sequence[tuple[str, np.ndarray]]) -> None:
+        self.paths = tuple(str(p) for p, _ in blocks)
+        self.locals = tuple(np.asarray(m, dtype=np.int64) for _, m in blocks)
+        self.starts = np.cumsum([0] + [len(m) for m in self.locals])
+        self._cache: ShardIndexCache | None = None
+
+    @property
+    def num_members(self) -> int:
+        return int(self.starts[-1])
+
+    def block_of(self, member: int) -> tuple[int, int]:
+        block = int(np.searchsorted(self.starts, member, side="right") - 1)
+        return block, member - int(self.starts[block])
+
+    def read(self, members: Sequence[int]) -> dict[int, dict | str]:
+        """Raw samples of `members` (member -> webdataset sample dict, or the reason it cannot be read)."""
+        if self._cache is None:
+            self._cache = ShardIndexCache()
+        wanted: dict[tuple[int, int], list[int]] = {}
+        for m in set(members):
+            block, offset = self.block_of(m)
+            wanted.setdefault((block, int(self.locals[block][offset])), []).append(m)
+        out: dict[int, dict | str] = {}
+        by_shard: dict[int, list[int]] = {}
+        for block, local in wanted:
+            by_shard.setdefault(block, []).append(local)
+        for block, locals_ in by_shard.items():
+            path, index = self.paths[block], self._cache.get(self.paths[block])
+            for first, end in _runs(sorted(set(locals_))):
+                for local, sample in read_run(path, index, first, end):
+                    for m in wanted.get((block, local), ()):
+                        out[m] = sample
+        return out
+
+
+def _runs(sorted_values: list[int]) -> Iterator[tuple[int, int]]:
+    """Maximal runs of consecutive integers as [first, end) pairs."""
+    start = prev = sorted_values[0]
+    for v in sorted_values[1:]:
+        if v != prev + 1:
+            yield start, prev + 1
+            start = v
+        prev = v
+    yield start, prev + 1
+
+
+class ViewSource:
+    """Turns items of one source into views; subclasses: online views, stored parameters, stored pixels."""
+
+    reader: SourceReader
+    labelled: bool
+
+    def render(self, items: Sequence[Item]) -> list[Rendered]:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------ the stream
+
+
+def pass_order(block_sizes: Sequence[int], world_size: int, rank: int, seed: int, pass_: int,
+               window: int) -> np.ndarray:
+    """Member indices rank `rank` visits in pass `pass_`, in order: blocks in a seeded order, the rank's contiguous
+    share of N // world, shuffled in windows of `window` members."""
+    layout = EpochLayout.build(block_sizes, seed, pass_, shuffle=True)
+    starts = np.cumsum([0] + list(block_sizes))
+    per_rank = layout.num_samples // world_size
+    positions = np.arange(rank * per_rank, (rank + 1) * per_rank, dtype=np.int64)
+    rng = np.random.default_rng([_PASS_SALT, seed, pass_, rank])
+    for first in range(0, per_rank, window):
+        part = positions[first:first + window]
+        positions[first:first + window] = part[rng.permutation(len(part))]
+    # position -> (block in the pass's order, offset) -> member index (blocks numbered in source order)
+    layout_starts = np.asarray(layout.starts, dtype=np.int64)
+    slot = np.searchsorted(layout_starts, positions, side="right") - 1
+    blocks = np.asarray(layout.order, dtype=np.int64)[slot]
+    return starts[blocks] + (positions - layout_starts[slot])
+
+
+class MixtureStream(IterableDataset):
+    """One rank's mixed batches; the epoch and the batches already trained in it are set by `MixtureLoader`."""
+
+    def __init__(
+        self,
+        sources: Sequence[ViewSource],
+        *,
+        names: Sequence[str],
+        weights: Sequence[float],
+        batch_size: int,
+        batches_per_epoch: int,
+        seed: int,
+        shuffle_window: int,
+        rank: int,
+        world_size: int,
+        student_size: int,
+        student_interpolation: str,
+        hflip: float,
+        teacher_size: int | None = None,
+        teacher_interpolation: str = "bicubic",
+        top_k: int | None = None,
+    ) -> None:
+        if len(sources) != len(weights) or len(names) != len(sources):
+            raise ValueError("one name and one weight per source")
+        self.sources, self.names = tuple(sources), tuple(names)
+        self.weights = integer_weights(weights)
+        self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
+        self.rank, self.world_size = rank, world_size
+        self.window = window_size(1, shuffle_window)
+        self.student_size, self.student_interpolation, self.hflip = student_size, student_interpolation, hflip
+        self.teacher_size, self.teacher_interpolation, self.top_k = teacher_size, teacher_interpolation, top_k
+        self.block_sizes = tuple(tuple(len(m) for m in s.reader.locals) for s in self.sources)
+        for name, sizes in zip(self.names, self.block_sizes):
+            if sum(sizes) < world_size:
+                raise DataError(f"kd source {name} has {sum(sizes)} samples, fewer than the {world_size} ranks")
+        self._epoch = multiprocessing.RawValue("q", 0)
+        self._start = multiprocessing.RawValue("q", 0)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_position(self, epoch: int, batches_done: int) -> None:
+        if not 0 <= batches_done <= self.batches_per_epoch:
+            raise ValueError(f"batches_done {batches_done} is outside 0..{self.batches_per_epoch}")
+        self._epoch.value, self._start.value = epoch, batches_done
+
+    def position(self) -> tuple[int, int]:
+        return int(self._epoch.value), int(self._start.value)
+
+    def per_rank(self, source: int) -> int:
+        return sum(self.block_sizes[source]) // self.world_size
+
+    def batch_items(self, epoch: int, batch: int) -> list[Item]:
+        """The items of batch `batch` of `epoch` on this rank, source by source."""
+        g = epoch * self.batches_per_epoch + batch
+        before = slots_taken(self.weights, g * self.batch_size)
+        counts = batch_counts(self.weights, self.batch_size, g)
+        items = []
+        for s, (first, n) in enumerate(zip(before, counts)):
+            per_rank = self.per_rank(s)
+            for i in range(first, first + n):
+                pass_, j = divmod(i, per_rank)
+                items.append(Item(s, int(self._order(s, pass_)[j]), pass_))
+        return items
+
+    def _order(self, source: int, pass_: int) -> np.ndarray:
+        key = (source, pass_)
+        if key not in self._orders:
+            if len(self._orders) >= 2 * len(self.sources):  # a worker keeps the passes it is in, not all of them
+                self._orders.pop(next(iter(self._orders)))
+            seed = self.seed * 1000 + source
+            self._orders[key] = pass_order(self.block_sizes[source], self.world_size, self.rank, seed, pass_,
+                                           self.window)
+        return self._orders[key]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        epoch, start = self.position()
+        for batch in range(start + worker, self.batches_per_epoch, workers):
+            yield self.build_batch(epoch, batch)
+
+    def build_batch(self, epoch: int, batch: int) -> dict:
+        items = self.batch_items(epoch, batch)
+        rendered: list[Rendered | None] = [None] * len(items)
+        for s, source in enumerate(self.sources):
+            idx = [i for i, item in enumerate(items) if item.source == s]
+            if idx:
+                for i, r in zip(idx, source.render([items[i] for i in idx])):
+                    rendered[i] = r
+        flips = np.random.default_rng([_FLIP_SALT, self.seed, epoch, self.rank, batch]).random(len(items))
+        return self._collate(items, rendered, flips < self.hflip)
+
+    def _collate(self, items: list[Item], rendered: list[Rendered], flips: np.ndarray) -> dict:
+        good = [i for i, r in enumerate(rendered) if r.error is None]
+        if not good:
+            raise DataError(f"no sample of a kd batch could be made; first failures: "
+                            f"{[r.error for r in rendered[:5]]}")
+        bad_keys = [f"{self.names[items[i].source]}:{r.key}: {r.error}" for i, r in enumerate(rendered)
+                    if r.error is not None]
+        stand_in = [rendered[good[n % len(good)]] if r.error is not None else r
+                    for n, r in enumerate(rendered)]
+        student, teacher = [], []
+        for r, flip in zip(stand_in, flips):
+            view = np.ascontiguousarray(r.view[:, ::-1]) if flip else r.view
+            student.append(resize(view, self.student_size, self.student_size, self.student_interpolation))
+            if self.teacher_size is not None:
+                teacher.append(resize(view, self.teacher_size, self.teacher_size, self.teacher_interpolation))
+        out = {
+            "image": _stack(student).permute(0, 3, 1, 2),
+            "target": torch.tensor([r.target for r in stand_in], dtype=torch.int64),
+            "valid": torch.tensor([r.error is None for r in rendered], dtype=torch.bool),
+            "source": torch.tensor([item.source for item in items], dtype=torch.int64),
+            "key": [r.key for r in rendered],
+            "bad": torch.tensor(len(bad_keys), dtype=torch.int64),
+            "bad_keys": bad_keys,
+        }
+        if teacher:
+            out["teacher_image"] = _stack(teacher).permute(0, 3, 1, 2)
+        if self.top_k is not None:
+            out["kd_ids"] = torch.from_numpy(np.stack([r.kd_ids for r in stand_in]).astype(np.int64))
+            out["kd_probs"] = torch.from_numpy(np.stack([r.kd_probs for r in stand_in]).astype(np.float32))
+        return out
+
+
+class MixtureLoader(DataLoader):
+    """A DataLoader over a `MixtureStream` that positions every iteration from `position()` ((epoch, batches
+    already trained in it); None: the epoch set by `set_epoch`, from its start)."""
+
+    def __init__(self, stream: MixtureStream, *, num_workers: int, pin_memory: bool, persistent_workers: bool,
+                 prefetch_factor: int | None,
+                 position: Callable[[], tuple[int, int] | None] | None = None) -> None:
+        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers and num_workers > 0,
+                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                         worker_init_fn=_single_threaded_worker)
+        self._position, self._epoch = position, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {}  # the position is the datamodule's, counted from the fit loop
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to restore here (see `state_dict`)."""
+
+    def __iter__(self):
+        where = self._position() if self._position is not None else None
+        epoch, done = where if where is not None else (self._epoch, 0)
+        self.dataset.set_position(epoch, done)
+        return super().__iter__()
+
+
+def source_blocks(shards: Sequence[tuple[str | Path, int]],
+                  members: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
+    """Blocks of a source: one per shard, holding every sample (`members` None) or the given global sample indices
+    (sorted; repeats allowed), mapped to (shard path, local indices)."""
+    lengths = [int(n) for _, n in shards]
+    starts = np.cumsum([0] + lengths)
+    if members is None:
+        return [(str(p), np.arange(n, dtype=np.int64)) for p, n in shards]
+    members = np.sort(np.asarray(members, dtype=np.int64))
+    shard_of = np.searchsorted(starts, members, side="right") - 1
+    blocks = []
+    for k, (path, _) in enumerate(shards):
+        mine = members[shard_of == k]
+        if len(mine):
+            blocks.append((str(path), mine - starts[k]))
+    return blocks
