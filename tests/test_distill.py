@@ -1,0 +1,272 @@
+"""Distillation (the MNv4 recipe): replayable views, exact source mixing, built kd sets, and distill=true runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from data_pipes.image.decode import open_image
+from data_pipes.image.views import ViewRecipe, checksum
+from data_pipes.shards.metadata import read_info
+from data_pipes.stream.mixture import MixtureStream, SourceReader, batch_counts, integer_weights, source_blocks
+from distill.kdset import KDSetError, dequantize, read_block
+from distill.objectives import dense_targets
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
+              pytest.mark.filterwarnings("ignore:.*LeafSpec.*")]
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def aug(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "aug" / f"{name}.yaml"))
+
+
+COMMON = ("data.img_size=32", "model=mnv3_s_075", "data.num_workers=2", "trainer.accelerator=cpu",
+          "trainer.devices=1", "callbacks.progress_bar=false", "logger.wandb.enabled=false")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, synthetic_shards) -> Path:
+    """A teacher trained by the pipeline itself (briefly: these tests check mechanics, not accuracy)."""
+    from train.run import train
+
+    run_dir = tmp_path_factory.mktemp("teacher")
+    train(compose_cfg(*COMMON, f"run_dir={run_dir}", f"data.root={synthetic_shards}", "data.batch_size=25",
+                      "trainer.max_epochs=1"))
+    return run_dir / "export"
+
+
+def kd_overrides(shards: Path, teacher: Path, sets: Path | None, *extra: str) -> list[str]:
+    return [*COMMON, f"data.root={shards}", f"kd.teacher={teacher}", f"kd.sets={sets or 'null'}",
+            "kd.sources.d1.replicas=2", "kd.sources.d2.replicas=3", "kd.build.num_workers=1", "kd.build.batch_size=40",
+            "kd.view_size=48", *extra]
+
+
+def build(shards, teacher, sets, *extra, **kw) -> Path:
+    from distill.build import build as run_build
+
+    return run_build(compose_cfg(*kd_overrides(shards, teacher, sets, *extra)), **kw)
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+
+@pytest.mark.parametrize("recipe", ["kd_d1_randaug_l2m9", "kd_d2_extreme_mixup", "kd_d3_randaug_l2m5"])
+def test_a_view_rendered_again_from_its_record_has_the_same_pixels(recipe, imagenette_root):
+    files = sorted((imagenette_root / "train").glob("*/*.JPEG"))[:12]
+    data = [f.read_bytes() for f in files]
+    views = ViewRecipe.from_config(96, aug(recipe), jpeg_quality=95, mixup_fold=True)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for i, d in enumerate(data):
+        partner = (i + 1) % len(data)
+        a, b = open_image(d), open_image(data[partner])
+        record = views.draw(rng, (a.width, a.height), partner, (b.width, b.height))
+        stored = np.frombuffer(record.tobytes(), dtype=views.dtype)[0]  # through bytes, as the sets keep it
+        first, second = views.render(record, d, data[partner]), views.render(stored, d, data[partner])
+        assert first.shape == (96, 96, 3) and np.array_equal(first, second)
+        seen.add(checksum(first))
+    assert len(seen) == len(data)  # views differ from image to image
+    assert views.dtype.itemsize <= 40  # parameters of a view: tens of bytes, not kilobytes
+
+
+def test_recipes_that_cannot_be_replayed_are_refused():
+    with pytest.raises(ValueError, match="replayable"):
+        ViewRecipe.from_config(64, aug("mnv3_timm"), jpeg_quality=95, mixup_fold=True)
+
+
+# ------------------------------------------------------------------------------------------------ mixing
+
+
+def test_batches_hold_exactly_b_w_over_sum_w_of_each_source_and_the_long_run_ratio_is_exact():
+    assert integer_weights([1, 1, 2]) == (1, 1, 2) and integer_weights([0.25, 0.75]) == (1, 3)
+    for g in range(50):
+        assert batch_counts((1, 1, 2), 64, g) == [16, 16, 32]
+    # B = 10 cannot split 1:1:2 evenly: counts differ by at most one, and the remainders are carried.
+    counts = np.array([batch_counts((1, 1, 2), 10, g) for g in range(400)])
+    assert (counts.sum(axis=1) == 10).all() and np.ptp(counts, axis=0).max() <= 1
+    assert counts.sum(axis=0).tolist() == [1000, 1000, 2000]
+
+
+class _Labels:
+    """A ViewSource stand-in that returns each member's index as its 'view', to count who was sampled."""
+
+    labelled = True
+
+    def __init__(self, n: int) -> None:
+        self.reader = SourceReader([("unused", np.arange(n))])
+
+    def render(self, items):
+        from data_pipes.stream.mixture import Rendered
+
+        return [Rendered(np.full((4, 4, 3), it.member % 256, np.uint8), it.member, f"{it.source}:{it.member}")
+                for it in items]
+
+
+def stream(rank: int, world: int, batches: int = 30) -> MixtureStream:
+    return MixtureStream([_Labels(50), _Labels(70), _Labels(90)], names=["d1", "d2", "d3"], weights=[1, 1, 2],
+                         batch_size=8, batches_per_epoch=batches, seed=1, shuffle_window=16, rank=rank,
+                         world_size=world, student_size=4, student_interpolation="bilinear", hflip=0.5)
+
+
+def test_mixed_stream_sees_each_member_once_per_pass_and_ranks_get_disjoint_shares():
+    keys = {r: [k for b in range(30) for k in stream(r, 2).build_batch(0, b)["key"]] for r in (0, 1)}
+    for r in (0, 1):
+        batches = [stream(r, 2).build_batch(0, b) for b in range(30)]
+        assert all((b["source"] == 0).sum() == 2 and (b["source"] == 2).sum() == 4 for b in batches)
+    d1 = {r: [k for k in keys[r] if k.startswith("0:")] for r in (0, 1)}
+    # 60 d1 samples per rank over 25-member passes: every member of the rank's share once per pass.
+    assert len(set(d1[0][:25])) == 25 and not set(d1[0][:25]) & set(d1[1][:25])
+
+
+def test_mixed_stream_resumed_mid_epoch_continues_with_the_same_batches():
+    full = [b["key"] for b in iter_stream(stream(0, 1), 0, 0)]
+    resumed = [b["key"] for b in iter_stream(stream(0, 1), 0, 11)]
+    assert resumed == full[11:]
+    # Epoch 1 continues each source where epoch 0 left it (a pass is not restarted each epoch).
+    assert [b["key"] for b in iter_stream(stream(0, 1, batches=60), 0, 30)] == \
+        [b["key"] for b in iter_stream(stream(0, 1, batches=30), 1, 0)]
+
+
+def iter_stream(s: MixtureStream, epoch: int, start: int):
+    s.set_position(epoch, start)
+    return list(iter(s))
+
+
+def test_stored_top_k_becomes_a_distribution_with_the_missing_mass_spread_or_renormalised():
+    ids = torch.tensor([[3, 1]])
+    probs = torch.tensor([[0.5, 0.3]])
+    uniform = dense_targets(ids, probs, 5, "uniform")
+    assert torch.allclose(uniform, torch.tensor([[0.2 / 3, 0.3, 0.2 / 3, 0.5, 0.2 / 3]]))
+    assert torch.allclose(dense_targets(ids, probs, 5, "renormalize").sum(), torch.tensor(1.0))
+
+
+# ------------------------------------------------------------------------------------------------ built sets
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, synthetic_shards, teacher) -> Path:
+    return build(synthetic_shards, teacher, tmp_path_factory.mktemp("kd") / "sets")
+
+
+def test_built_sets_hold_every_view_with_integer_ids_and_probabilities_summing_to_at_most_one(built,
+                                                                                              synthetic_shards):
+    manifest = json.loads((built / "manifest.json").read_text())
+    n = read_info(synthetic_shards).split("train").num_samples
+    assert manifest["counts"]["d1"]["views"] == 2 * n and manifest["counts"]["d2"]["views"] == 3 * n
+    assert manifest["counts"]["d1"]["bytes_per_view"] < 100
+    for name, replicas in (("d1", 2), ("d2", 3)):
+        blocks = [read_block(built / name, k) for k in range(len(read_info(synthetic_shards).shards("train")))]
+        assert all(b.shape[0] == replicas for b in blocks) and sum(b.shape[1] for b in blocks) == n
+        records = np.concatenate([b.reshape(-1) for b in blocks])
+        assert records["ids"].dtype.kind in "ui"
+        total = dequantize(records["probs"]).sum(axis=1)
+        assert (total <= 1.0 + 1e-6).all() and (total > 0.5).all()
+    d2 = np.concatenate([read_block(built / "d2", k).reshape(-1) for k in range(2)])
+    lam = d2["view"]["lam"]
+    assert lam.min() >= 0.5 and lam.max() <= 1.0 and 0.65 < lam.mean() < 0.85  # U(0.5, 1): folded Beta(1, 1)
+
+
+def test_a_killed_build_resumes_and_ends_identical_to_an_uninterrupted_one(tmp_path, synthetic_shards, teacher,
+                                                                         built):
+    sets = tmp_path / "sets"
+    build(synthetic_shards, teacher, sets, stop_after=3)
+    assert not (sets / "manifest.json").exists()
+    with pytest.raises(KDSetError, match="partly built"):
+        from distill.build import KDSets
+        from distill.recipe import build_teacher, source_configs
+
+        cfg = compose_cfg(*kd_overrides(synthetic_shards, teacher, sets))
+        kd = OmegaConf.to_container(cfg.kd, resolve=True)
+        info = read_info(synthetic_shards)
+        KDSets.open(sets, kd=kd, sources=source_configs(kd, 48), teacher=build_teacher(kd, info),
+                    label_names=info.label_names)
+    build(synthetic_shards, teacher, sets)
+    for name in ("d1", "d2"):
+        for path in sorted((built / name).glob("block-*.npy")):
+            assert np.array_equal(np.load(path), np.load(sets / name / path.name)), path
+
+
+def test_training_refuses_sets_built_for_another_recipe_or_with_other_pixels(tmp_path, built, synthetic_shards,
+                                                                            teacher):
+    from train.run import train
+
+    with pytest.raises(KDSetError, match="recipe"):
+        train(compose_cfg(*kd_overrides(synthetic_shards, teacher, built, "kd.jpeg_quality=80", "distill=true",
+                                        f"run_dir={tmp_path / 'a'}")))
+    tampered = tmp_path / "sets"
+    import shutil
+
+    shutil.copytree(built, tampered)
+    check = tampered / "d1" / "block-000000.check.json"
+    sums = json.loads(check.read_text())
+    check.write_text(json.dumps({k: "0" * 16 for k in sums}))
+    with pytest.raises(KDSetError, match="other pixels"):
+        train(compose_cfg(*kd_overrides(synthetic_shards, teacher, tampered, "distill=true",
+                                        f"run_dir={tmp_path / 'b'}")))
+
+
+def test_replay_reproduces_the_pixels_the_teacher_labelled(built, synthetic_shards, teacher):
+    from distill.build import KDSets
+    from distill.recipe import build_teacher, source_configs
+
+    cfg = compose_cfg(*kd_overrides(synthetic_shards, teacher, built))
+    kd = OmegaConf.to_container(cfg.kd, resolve=True)
+    info = read_info(synthetic_shards)
+    sets = KDSets.open(built, kd=kd, sources=source_configs(kd, 48), teacher=build_teacher(kd, info),
+                       label_names=info.label_names, check=False)
+    sets.check_pixels(source_configs(kd, 48))  # raises on any difference
+    assert sources_blocks_cover(info)
+
+
+def sources_blocks_cover(info) -> bool:
+    blocks = source_blocks(info.shards("train"))
+    return sum(len(m) for _, m in blocks) == info.split("train").num_samples
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def teacher_state(export: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(export / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["offline", "online", "logit"])
+def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mode, tmp_path, built,
+                                                                              synthetic_shards, teacher):
+    from train.run import train
+
+    extra = {"offline": [], "online": [], "logit": ["kd=logit"]}[mode]
+    sets = built if mode == "offline" else None
+    run_dir = tmp_path / mode
+    before = {k: v.clone() for k, v in teacher_state(teacher).items()}
+    metrics = train(compose_cfg(*kd_overrides(synthetic_shards, teacher, sets, "distill=true", *extra,
+                                              f"run_dir={run_dir}", "data.batch_size=20", "trainer.max_epochs=1",
+                                              "trainer.log_every_n_steps=1")))
+    assert "val/teacher_agree" in metrics and "val/teacher_acc1" in metrics and metrics["export/top1"] >= 0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert all(k.startswith("model.") or k.startswith("val_acc") for k in ckpt["state_dict"])
+    assert len([k for k in ckpt["state_dict"] if k.startswith("model.")]) == len(before)  # the student's only
+    logged = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/teacher_agree" in logged
+    if mode != "logit":
+        assert "train/loss_d1" in logged and "train/loss_d2" in logged
+    # The teacher was not trained, nor were its BatchNorm statistics moved by being run in train mode.
+    from distill.teacher import load_teacher
+
+    reloaded = load_teacher(str(teacher))
+    assert all(torch.equal(v, reloaded.model.state_dict()[k]) for k, v in before.items())
