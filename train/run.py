@@ -118,11 +118,16 @@ def _datamodule_args(cfg: DictConfig, data_config: dict[str, Any]) -> dict[str, 
     )
 
 
+def _build_datamodule(cfg: DictConfig, data_config: dict[str, Any]) -> ShardDataModule:
+    """The labels-only datamodule (the benchmarks build it too)."""
+    return ShardDataModule(**_datamodule_args(cfg, data_config))
+
+
 def _build_data_and_objective(cfg: DictConfig, info: DatasetInfo, data_config: dict[str, Any]):
     """The datamodule, the objective and extra validation metrics: labels only, or a distillation recipe's."""
     args = _datamodule_args(cfg, data_config)
     if not cfg.distill:
-        return ShardDataModule(**args), ClassificationObjective(cfg.label_smoothing), None, {}
+        return _build_datamodule(cfg, data_config), ClassificationObjective(cfg.label_smoothing), None, {}
     from distill.recipe import build_distillation
 
     kd = build_distillation(cfg, info, data_config, args)
