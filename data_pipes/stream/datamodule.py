@@ -142,16 +142,24 @@ class ShardDataModule(LightningDataModule):
             return position
         return (self.trainer.current_epoch, None) if self.trainer is not None else None
 
-    def state_dict(self) -> dict:
+    def _fit_position(self) -> tuple[int, int, bool] | None:
+        """(epoch, batches trained in it, whether that epoch is finished), from the fit loop; None outside fit."""
         trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit":
-            return {}
+            return None
         fit_loop = trainer.fit_loop
         # `started` is bumped at each epoch start, so started - 1 is the epoch the batch counter belongs to.
         epoch = max(0, fit_loop.epoch_progress.current.started - 1)
         batches = fit_loop.epoch_loop.batch_progress.current.processed
         # An epoch also ends early at limit_train_batches, which num_training_batches includes.
-        if batches >= min(self.steps_per_epoch(self.world_size), trainer.num_training_batches):
+        return epoch, batches, batches >= min(self.steps_per_epoch(self.world_size), trainer.num_training_batches)
+
+    def state_dict(self) -> dict:
+        position = self._fit_position()
+        if position is None:
+            return {}
+        epoch, batches, finished = position
+        if finished:
             epoch, done = epoch + 1, []
         elif self._resume is not None and self._resume[0] == epoch:  # restored but not iterated yet
             done = list(self._resume[1])
@@ -238,13 +246,11 @@ class MixtureDataModule(ShardDataModule):
         return (self.trainer.current_epoch, 0) if self.trainer is not None else None
 
     def state_dict(self) -> dict:
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn != "fit":
+        position = self._fit_position()
+        if position is None:
             return {}
-        fit_loop = trainer.fit_loop
-        epoch = max(0, fit_loop.epoch_progress.current.started - 1)
-        batches = fit_loop.epoch_loop.batch_progress.current.processed
-        if batches >= min(self.steps_per_epoch(self.world_size), trainer.num_training_batches):
+        epoch, batches, finished = position
+        if finished:
             epoch, batches = epoch + 1, 0
         return {"format": _STATE_FORMAT, "mixture": True, "epoch": epoch, "batches": batches,
                 "plan": self._mixture_identity()}
