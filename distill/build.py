@@ -35,7 +35,7 @@ from data_pipes.image.decode import resize
 from data_pipes.image.views import checksum
 from data_pipes.shards.metadata import INFO_FILE, read_info
 from data_pipes.stream.loader import _single_threaded_worker
-from data_pipes.stream.mixture import SourceReader, source_blocks
+from data_pipes.stream.mixture import SourceReader
 from distill.kdset import (
     BUILD_FILE,
     MANIFEST,
@@ -48,7 +48,8 @@ from distill.kdset import (
     write_json,
 )
 from distill.recipe import SourceConfig, build_teacher, plain, source_configs, view_size
-from distill.teacher import Teacher
+from distill.select import SELECTION, Selection, missing_scores, score, select, with_selection
+from distill.teacher import Teacher, load_teacher
 from distill.views import draw_view, peek_partner, view_rng
 
 log = logging.getLogger("distill.build")
@@ -86,6 +87,7 @@ def build_identity(kd: Mapping[str, Any], sources: list[SourceConfig], teacher: 
         "storage": kd["storage"], "top_k": int(kd["top_k"]), "seed": int(kd["seed"]), "view_size": size,
         "sources": {s.name: {"index": s.index, "root": str(s.root), "info_sha256": _info_hash(s.root),
                              "replicas": s.replicas, "labelled": s.labelled, "recipe": _recipe_dict(s)}
+                    | ({"selection": selection_identity(kd)} if s.selected else {})
                     for s in sources},
     })
 
@@ -128,7 +130,7 @@ class ViewRenderer(IterableDataset):
 
     def _task(self, n: int, task: Task) -> Iterator[dict]:
         s = self.sources[task.source]
-        reader = SourceReader(source_blocks(s.shards))
+        reader = SourceReader(s.blocks)
         first, end = int(reader.starts[task.block]), int(reader.starts[task.block + 1])
         raw = reader.read(range(first, end))
         checked = check_positions(end - first, s.replicas, self.checks)
@@ -240,32 +242,90 @@ def build(cfg, *, share: tuple[int, int] | None = None, stop_after: int | None =
     kd = plain(cfg.kd)
     if not kd["sets"]:
         raise KDSetError("set kd.sets=DIR: where the labelled views are written")
+    if kd["storage"] not in ("params", "pixels"):
+        raise KDSetError(f"kd.storage must be params or pixels, got {kd['storage']!r}")
     info = read_info(cfg.data.root)
     teacher = build_teacher(kd, info)
     student_size = int(cfg.data.img_size or cfg.model.resolution)
     size = view_size(kd, student_size, teacher)
     sources = source_configs(kd, size)
-    if any(s.name == "d3" for s in sources):
-        raise KDSetError("building D3 (kd.extra_root, class-balanced extra data) is not implemented yet; set "
-                         "kd.extra_root=null to build D1 and D2")
-    if kd["storage"] not in ("params", "pixels"):
-        raise KDSetError(f"kd.storage must be params or pixels, got {kd['storage']!r}")
     out = Path(str(kd["sets"])).expanduser()
     identity = build_identity(kd, sources, teacher, size, info.label_names)
     _claim(out, identity)
     me, count = share or shares()
-    tasks = [Task(i, k) for i, s in enumerate(sources) for k in range(len(s.shards))]
-    todo = [t for n, t in enumerate(tasks) if n % count == me and not _done(out, sources, t)]
-    if stop_after is not None:
-        todo = todo[:stop_after]
-    log.info("distill.build: %d blocks, %d for share %d of %d still to build -> %s", len(tasks), len(todo), me,
-             count, out)
-    if todo:
-        _label(todo, sources, teacher, kd, out)
-    if all(_done(out, sources, t) for t in tasks) and not (out / MANIFEST).is_file():
+    budget = [stop_after]
+    # D3's scores first (other shares may wait for them), then D1/D2, then D3 once every share's scores exist.
+    d3 = next((s for s in sources if s.selected), None)
+    if d3 is not None:
+        selector = build_selector(kd, info, teacher)
+        score(selector, d3.shards, out / d3.name, share=(me, count), **score_args(kd))
+    plain_sources = [s for s in sources if not s.selected]
+    _build_blocks(plain_sources, me, count, teacher, kd, out, budget)
+    if d3 is not None and budget[0] != 0:
+        resolved = with_selection(d3, _wait_for_selection(d3, out, kd, info.label_names, me, count))
+        sources = [resolved if s.selected else s for s in sources]
+        _build_blocks([resolved], me, count, teacher, kd, out, budget)
+    resolved = all(s.members is not None for s in sources if s.selected)
+    complete = resolved and all(_done(out, s, k) for s in sources for k in range(len(s.blocks)))
+    if complete and not (out / MANIFEST).is_file():
         write_json(out / MANIFEST, _manifest(identity, sources, out, kd))
         log.info("distill.build: all blocks built; wrote %s", out / MANIFEST)
     return out
+
+
+def _build_blocks(sources: list[SourceConfig], me: int, count: int, teacher: Teacher, kd: dict, out: Path,
+                  budget: list) -> None:
+    """Label this share's unfinished blocks of `sources` (block n of the list goes to share n mod count)."""
+    tasks = [Task(i, k) for i, s in enumerate(sources) for k in range(len(s.blocks))]
+    todo = [t for n, t in enumerate(tasks) if n % count == me and not _done(out, sources[t.source], t.block)]
+    if budget[0] is not None:
+        todo, budget[0] = todo[:budget[0]], max(0, budget[0] - len(todo))
+    log.info("distill.build %s: %d blocks, %d for share %d of %d still to build -> %s",
+             "+".join(s.name for s in sources), len(tasks), len(todo), me, count, out)
+    if todo:
+        _label(todo, sources, teacher, kd, out)
+
+
+def build_selector(kd: Mapping[str, Any], info, teacher: Teacher) -> Teacher:
+    """D3's selector: kd.sources.d3.selector (loaded like a teacher), or the teacher itself."""
+    d3 = kd["sources"]["d3"]
+    if not d3.get("selector"):
+        return teacher
+    selector = load_teacher(d3["selector"], weights=d3.get("selector_weights"), labels=kd["teacher_labels"],
+                            num_classes=info.num_classes)
+    selector.check_classes(tuple(info.label_names), f"the data at {info.root} (as kd.sources.d3.selector)")
+    return selector
+
+
+def score_args(kd: Mapping[str, Any]) -> dict[str, Any]:
+    b = kd["build"]
+    device = _device(b["device"])
+    autocast = device.type == "cuda" and b["precision"] in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    return {"batch_size": int(b["batch_size"]), "num_workers": int(b["num_workers"]), "device": device,
+            "autocast": autocast}
+
+
+def selection_identity(kd: Mapping[str, Any]) -> dict[str, Any]:
+    d3 = kd["sources"]["d3"]
+    return {"selector": d3.get("selector") or "teacher", "threshold": float(d3["threshold"]),
+            "per_class": int(d3["per_class"])}
+
+
+def _wait_for_selection(d3: SourceConfig, out: Path, kd: Mapping[str, Any], label_names, me: int,
+                        count: int) -> Selection:
+    """The D3 selection, once every share has scored its extra shards (waiting up to kd.build.wait_minutes)."""
+    directory = out / d3.name
+    deadline = time.time() + 60 * float(kd["build"]["wait_minutes"])
+    while missing := missing_scores(directory, d3.shards):
+        if time.time() > deadline:
+            raise KDSetError(f"share {me} of {count}: D3's selection needs the scores of {len(missing)} extra shards "
+                             f"that other shares have not finished (first: {missing[:5]}); {RESUME_HINT} once they "
+                             f"have (this share's finished blocks are kept)")
+        log.info("distill.build: waiting for other shares to score %d extra shards", len(missing))
+        time.sleep(10)
+    settings = selection_identity(kd)
+    return select(directory, d3.shards, label_names=label_names, threshold=settings["threshold"],
+                  per_class=settings["per_class"], identity=settings | {"extra_root": str(d3.root)})
 
 
 def _claim(out: Path, identity: dict) -> None:
@@ -281,8 +341,8 @@ def _claim(out: Path, identity: dict) -> None:
         write_json(existing, identity)
 
 
-def _done(out: Path, sources: list[SourceConfig], task: Task) -> bool:
-    return block_path(out / sources[task.source].name, task.block).is_file()
+def _done(out: Path, s: SourceConfig, block: int) -> bool:
+    return block_path(out / s.name, block).is_file()
 
 
 def _label(todo: list[Task], sources: list[SourceConfig], teacher: Teacher, kd: dict, out: Path) -> None:
@@ -321,18 +381,22 @@ def _label(todo: list[Task], sources: list[SourceConfig], teacher: Teacher, kd: 
 
 
 def _block_members(s: SourceConfig, block: int) -> int:
-    return int(s.shards[block][1])
+    return len(s.blocks[block][1])
 
 
 def _manifest(identity: dict, sources: list[SourceConfig], out: Path, kd: dict) -> dict:
     per_source = {}
     for s in sources:
-        views = sum(n for _, n in s.shards) * s.replicas
+        members = sum(len(m) for _, m in s.blocks)
+        views = members * s.replicas
         files = list((out / s.name).glob("block-*.npy")) + list((out / s.name).glob("block-*.tar"))
-        per_source[s.name] = {"members": sum(n for _, n in s.shards), "views": views, "blocks": len(s.shards),
+        per_source[s.name] = {"members": members, "views": views, "blocks": len(s.blocks),
                               "bytes": sum(f.stat().st_size for f in files),
                               "bytes_per_view": sum(f.stat().st_size for f in files) / max(1, views)}
-    return {**identity, "counts": per_source, "versions": versions(), "format": 1}
+    manifest = {**identity, "counts": per_source, "versions": versions(), "format": 1}
+    if any(s.selected for s in sources):
+        manifest["d3_classes"] = read_json(out / "d3" / "class_counts.json")
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -357,8 +421,9 @@ class KDSets:
                 "teacher_sha256": self.manifest["teacher"]["weights_sha256"],
                 "sources": {k: v["replicas"] for k, v in self.manifest["sources"].items()}}
 
-    def blocks(self, s: SourceConfig) -> list[tuple[str, np.ndarray]]:
-        return source_blocks(s.shards)
+    def resolve(self, sources: list[SourceConfig]) -> list[SourceConfig]:
+        """The sources with D3's members as the build selected them."""
+        return [with_selection(s, Selection.load(self.root / s.name)) if s.selected else s for s in sources]
 
     @classmethod
     def open(cls, root: Path, *, kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teacher,
@@ -372,7 +437,7 @@ class KDSets:
         _compare(root, manifest, now)
         sets = cls(root, manifest)
         if check:
-            sets.check_pixels(sources)
+            sets.check_pixels(sets.resolve(sources))
         return sets
 
     def check_pixels(self, sources: list[SourceConfig]) -> None:
@@ -380,7 +445,7 @@ class KDSets:
         from distill.views import StoredViews
 
         for s in sources:
-            reader = SourceReader(self.blocks(s))
+            reader = SourceReader(s.blocks)
             views = StoredViews(s.recipe, reader, directory=self.root / s.name, replicas=s.replicas,
                                 storage=self.storage, labelled=s.labelled)
             sums = read_json(block_path(self.root / s.name, 0, ".check.json"))
@@ -409,9 +474,17 @@ def _incomplete(root: Path, sources: list[SourceConfig]) -> str:
     if not (root / BUILD_FILE).is_file():
         return (f"kd.sets={root} holds no built kd sets: build them with `python -m distill.build <same overrides> "
                 f"kd.sets={root}`, or train online with kd.sets=null")
-    missing = {s.name: [k for k in range(len(s.shards)) if not block_path(root / s.name, k).is_file()]
-               for s in sources}
-    parts = [f"{name}: {len(blocks)} of the blocks (first: {blocks[:5]})" for name, blocks in missing.items() if blocks]
+    missing, parts = {}, []
+    for s in sources:
+        if s.selected and not (root / s.name / SELECTION).is_file():
+            scores = missing_scores(root / s.name, s.shards)
+            parts.append(f"{s.name}: its class-balanced selection"
+                         + (f" ({len(scores)} of {len(s.shards)} extra shards not scored yet)" if scores else ""))
+            continue
+        source = with_selection(s, Selection.load(root / s.name)) if s.selected else s
+        missing[s.name] = [k for k in range(len(source.blocks)) if not block_path(root / s.name, k).is_file()]
+    parts += [f"{name}: {len(blocks)} of the blocks (first: {blocks[:5]})" for name, blocks in missing.items()
+              if blocks]
     return (f"kd.sets={root} is only partly built (missing {'; '.join(parts) or 'the manifest'}): {RESUME_HINT} "
             f"(every share, if it was split)")
 
@@ -431,6 +504,8 @@ def _compare(root: Path, built: dict, now: dict) -> None:
              f"it was built from other source shards ({was['root']})"),
             (f"{name} recipe", was["recipe"], src["recipe"], "its augmentation recipe differs from the configured one"),
             (f"{name} replicas", was["replicas"], src["replicas"], "kd.sources replicas differ"),
+            (f"{name} selection", was.get("selection"), src.get("selection"),
+             "D3's selector, threshold or per_class differ from the configured ones"),
         ]
     checks += [(k, built[k], now[k], f"kd.{k} differs") for k in ("storage", "top_k", "seed", "view_size")]
     for name, was, is_, why in checks:

@@ -8,7 +8,9 @@
                                                (`data_pipes.image.views`) + the teacher's top-k ids and probabilities
     <kd.sets>/<source>/block-KKKKKK.tar        `pixels` storage: the views' JPEG bytes (member-major per replica)
     <kd.sets>/<source>/block-KKKKKK.check.json checksums of a few views' pixels, re-rendered when training starts
-    <kd.sets>/d3/selection.npz, selection.json, class_counts.png   the class-balanced extra data (D3)
+    <kd.sets>/d3/scores/block-KKKKKK.npy       the selector's top class and confidence of each extra image
+    <kd.sets>/d3/selection.npz                 D3's members: extra-image indices, repeated for rare classes
+    <kd.sets>/d3/class_counts.json, .png       per-class counts before and after balancing (`distill.select`)
 
 A block is one shard of the source; its .npy is renamed into place last, so its presence means the block is done.
 Probabilities are stored as uint16 floor(p * 65535): a view's stored top-k never sums to more than 1 (flooring only
@@ -62,7 +64,7 @@ def read_block(directory: Path, block: int) -> np.ndarray:
 
 def write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks may write the same file
     with open(tmp, "wb") as f:
         write(f)
         f.flush()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -41,10 +42,21 @@ class SourceConfig:
     weight: float
     labelled: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    # D3: the selected members (indices into the train split, sorted, repeated for rare classes); None: every image
+    members: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def shards(self) -> list[tuple[Path, int]]:
         return self.info.shards("train")
+
+    @property
+    def blocks(self) -> list[tuple[str, np.ndarray]]:
+        return source_blocks(self.shards, self.members)
+
+    @property
+    def selected(self) -> bool:
+        """Whether the source is a selection of its images (D3) rather than all of them."""
+        return self.name == "d3"
 
 
 @dataclass
@@ -85,7 +97,7 @@ def source_configs(kd: Mapping[str, Any], size: int) -> list[SourceConfig]:
             info = read_info(root)
         except DatasetError as e:
             raise KDSetError(f"kd source {name} (kd.sources.{name}.root={root}): {e}") from None
-        if info.split("train").num_samples == 0:
+        if "train" not in info.splits or info.split("train").num_samples == 0:
             raise KDSetError(f"kd source {name} at {root} has no train samples: point kd.sources.{name}.root (or "
                              f"kd.extra_root for d3) at a shard directory with a train split")
         recipe = ViewRecipe.from_config(size, cfg["aug"], jpeg_quality=kd["jpeg_quality"],
@@ -123,6 +135,7 @@ def build_distillation(cfg: DictConfig, info: DatasetInfo, data_config: dict[str
 
     sources = source_configs(kd, view_size(kd, size, teacher))
     kd_sets = _open_sets(kd, sources, teacher, info)
+    sources = kd_sets.resolve(sources) if kd_sets is not None else _select_online(cfg, kd, sources, teacher, info)
     record["sets"] = None if kd_sets is None else kd_sets.identity
     record["sources"] = {s.name: {"weight": s.weight, "replicas": s.replicas, "root": str(s.root)} for s in sources}
     factory = StreamFactory(sources=sources, kd=kd, seed=int(kd["seed"]), batch_size=int(cfg.data.batch_size),
@@ -138,14 +151,40 @@ def build_distillation(cfg: DictConfig, info: DatasetInfo, data_config: dict[str
 
 def _open_sets(kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teacher, info: DatasetInfo):
     if not kd["sets"]:
-        if any(s.name == "d3" for s in sources):
-            raise KDSetError("online distillation with D3 (kd.extra_root) needs its class-balanced selection, which "
-                             "`python -m distill.build` makes: build the sets and train with kd.sets=DIR, or set "
-                             "kd.extra_root=null to distil online from D1 and D2")
         return None
     from distill.build import KDSets
 
     return KDSets.open(Path(str(kd["sets"])), kd=kd, sources=sources, teacher=teacher, label_names=info.label_names)
+
+
+def _select_online(cfg: DictConfig, kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teacher,
+                   info: DatasetInfo) -> list[SourceConfig]:
+    """Online D3: score and balance the extra images before training (kept in kd.selection, by default in the run
+    directory, so a resumed run reuses it; every rank computes the same selection)."""
+    d3 = next((s for s in sources if s.selected), None)
+    if d3 is None:
+        return sources
+    from distill.build import build_selector, score_args, selection_identity
+    from distill.select import score, select, with_selection
+
+    directory = Path(str(kd["selection"] or Path(str(cfg.run_dir)) / "kd_selection")).expanduser()
+    settings = selection_identity(kd) | {"extra_root": str(d3.root)}
+    _check_selection(directory, settings)
+    score(build_selector(kd, info, teacher), d3.shards, directory, share=(0, 1), **score_args(kd))
+    selection = select(directory, d3.shards, label_names=info.label_names, threshold=settings["threshold"],
+                       per_class=settings["per_class"], identity=settings)
+    return [with_selection(s, selection) if s.selected else s for s in sources]
+
+
+def _check_selection(directory: Path, settings: dict[str, Any]) -> None:
+    from distill.kdset import read_json
+
+    counts = directory / "class_counts.json"
+    if counts.is_file():
+        made = {k: read_json(counts).get(k) for k in settings}
+        if made != settings:
+            raise KDSetError(f"the D3 selection in {directory} was made with {made}, not the configured {settings}: "
+                             f"point kd.selection at another directory, or delete this one")
 
 
 @dataclass(frozen=True)
@@ -168,10 +207,10 @@ class StreamFactory:
         views = []
         for s in self.sources:
             if self.kd_sets is None:
-                reader = SourceReader(source_blocks(s.shards))
+                reader = SourceReader(s.blocks)
                 views.append(OnlineViews(s.recipe, reader, source=s.index, seed=self.seed, labelled=s.labelled))
             else:
-                reader = SourceReader(self.kd_sets.blocks(s))
+                reader = SourceReader(s.blocks)
                 views.append(StoredViews(s.recipe, reader, directory=self.kd_sets.root / s.name,
                                          replicas=s.replicas, storage=self.kd_sets.storage, labelled=s.labelled))
         online = self.kd_sets is None

@@ -245,13 +245,15 @@ def teacher_state(export: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["offline", "online", "logit"])
-def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mode, tmp_path, built,
+@pytest.mark.parametrize("mode", ["offline", "online", "logit", "offline_d3", "online_d3"])
+def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mode, tmp_path, request,
                                                                               synthetic_shards, teacher):
     from train.run import train
 
-    extra = {"offline": [], "online": [], "logit": ["kd=logit"]}[mode]
-    sets = built if mode == "offline" else None
+    d3 = [f"kd.extra_root={synthetic_shards}", *D3]
+    extra = {"offline": [], "online": [], "logit": ["kd=logit"], "offline_d3": d3, "online_d3": d3}[mode]
+    sets = {"offline": "built", "offline_d3": "built_d3"}.get(mode)
+    sets = request.getfixturevalue(sets) if sets else None
     run_dir = tmp_path / mode
     before = {k: v.clone() for k, v in teacher_state(teacher).items()}
     metrics = train(compose_cfg(*kd_overrides(synthetic_shards, teacher, sets, "distill=true", *extra,
@@ -263,10 +265,82 @@ def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mo
     assert len([k for k in ckpt["state_dict"] if k.startswith("model.")]) == len(before)  # the student's only
     logged = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/teacher_agree" in logged
-    if mode != "logit":
+    if mode in ("offline", "online"):
         assert "train/loss_d1" in logged and "train/loss_d2" in logged
+    if mode.endswith("d3"):
+        assert "train/loss_d1" in logged and "train/loss_d3" in logged
+    if mode == "online_d3":  # the selection was made before training and kept with the run
+        assert (run_dir / "kd_selection" / "selection.npz").is_file()
     # The teacher was not trained, nor were its BatchNorm statistics moved by being run in train mode.
     from distill.teacher import load_teacher
 
     reloaded = load_teacher(str(teacher))
     assert all(torch.equal(v, reloaded.model.state_dict()[k]) for k, v in before.items())
+
+
+# ------------------------------------------------------------------------------------------------ D3
+
+
+def test_class_balancing_keeps_the_most_confident_and_repeats_rare_classes_up_to_per_class():
+    from distill.select import balance
+
+    rng = np.random.default_rng(0)
+    # Deliberately unbalanced: class 0 has 60 confident images, class 1 three, class 2 only unconfident ones,
+    # class 3 none at all; one image could not be read (confidence -1).
+    top = np.array([0] * 60 + [1] * 3 + [2] * 20 + [1], np.int32)
+    conf = np.concatenate([rng.uniform(0.4, 1.0, 60), [0.9, 0.5, 0.31], rng.uniform(0.0, 0.29, 20), [-1.0]])
+    members, classes, counts = balance(top, conf, num_classes=4, threshold=0.3, per_class=10)
+    assert counts["passed"] == [60, 3, 0, 0] and counts["kept"] == [10, 3, 0, 0]
+    assert counts["after"] == [10, 10, 0, 0] and counts["assigned"] == [60, 3, 20, 0]
+    assert len(members) == 20 and np.all(np.diff(members) >= 0)
+    assert set(members[classes == 0]) == set(np.argsort(-conf[:60])[:10])  # the ten most confident of class 0
+    repeats = np.bincount(members[classes == 1], minlength=64)[60:63]
+    assert sorted(repeats.tolist()) == [3, 3, 4] and repeats[0] == 4  # the most confident is repeated once more
+
+
+@pytest.fixture(scope="module")
+def built_d3(tmp_path_factory, synthetic_shards, teacher) -> Path:
+    return build(synthetic_shards, teacher, tmp_path_factory.mktemp("kd3") / "sets", f"kd.extra_root={synthetic_shards}",
+                 *D3)
+
+
+D3 = ("kd.sources.d1.replicas=1", "kd.sources.d2.weight=0", "kd.sources.d3.replicas=2",
+      "kd.sources.d3.per_class=8", "kd.sources.d3.threshold=0.0")
+
+
+def test_d3_build_balances_the_extra_data_and_reports_counts_before_and_after(built_d3, synthetic_shards, caplog):
+    d3 = built_d3 / "d3"
+    manifest = json.loads((built_d3 / "manifest.json").read_text())
+    report = manifest["d3_classes"]
+    assert report["images"] == read_info(synthetic_shards).split("train").num_samples
+    assert all(a == (8 if k else 0) for a, k in zip(report["after"], report["kept"]))
+    assert (d3 / "class_counts.png").stat().st_size > 1000 and (d3 / "class_counts.json").is_file()
+    with np.load(d3 / "selection.npz") as z:
+        members = z["members"]
+    assert len(members) == sum(report["after"]) == manifest["counts"]["d3"]["members"]
+    assert manifest["counts"]["d3"]["views"] == 2 * len(members)
+    records = np.concatenate([read_block(d3, k) for k in range(manifest["counts"]["d3"]["blocks"])], axis=1)
+    assert records.shape == (2, len(members))
+    # A repeated image is its own member: its copies are other views with their own teacher labels.
+    repeated = [i for i in range(1, len(members)) if members[i] == members[i - 1]]
+    if repeated:
+        i = repeated[0]
+        assert records[0, i]["view"].tobytes() != records[0, i - 1]["view"].tobytes()
+
+
+def test_d3_refuses_an_extra_source_where_no_image_passes_the_threshold(tmp_path, synthetic_shards, teacher):
+    with pytest.raises(KDSetError, match=r"best top-class confidence is 0\.\d+"):
+        build(synthetic_shards, teacher, tmp_path / "sets", f"kd.extra_root={synthetic_shards}", *D3[:-1],
+              "kd.sources.d3.threshold=1.0")
+
+
+def test_d3_refuses_an_empty_extra_source(tmp_path, synthetic_shards, teacher, synthetic_folder):
+    import shutil
+
+    from data_pipes.shards.make import make_shards
+
+    empty = tmp_path / "extra"
+    shutil.copytree(synthetic_folder / "val", empty / "val")  # shards with a val split but no train images
+    make_shards(empty, tmp_path / "extra-shards", samples_per_shard=64, workers=1)
+    with pytest.raises(KDSetError, match="no train samples"):
+        build(synthetic_shards, teacher, tmp_path / "sets", *D3, f"kd.extra_root={tmp_path / 'extra-shards'}")

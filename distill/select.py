@@ -1,0 +1,231 @@
+"""D3's class-balanced extra data: score the extra images with a selector, keep the confident ones, balance classes.
+
+The MNv4 recipe (§8; recipes.md 1c) takes extra images (JFT there; here any shard set, its labels ignored), scores
+each with a selector model (the paper: an EfficientNet-B0; default here: the teacher) on its plain eval view, keeps
+the images whose top-class confidence is at least `threshold` (0.3, following Noisy Student), assigns each to its
+top class, keeps the `per_class` most confident per class and repeats the images of rarer classes until they have
+`per_class` too. A repeated image is a separate member of D3: each copy gets its own augmented views and its own
+teacher labels (the view seed includes the member).
+
+The scores are the expensive part and are kept per extra shard (`scores/block-*.npy`), so a killed selection
+resumes and shares (ranks, array tasks) score disjoint shards. The selection itself is cheap and deterministic:
+whoever has all scores computes it and writes `selection.npz`, `class_counts.json` and `class_counts.png`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipes.image.augment import build_eval_transform
+from data_pipes.stream.loader import _single_threaded_worker
+from data_pipes.stream.mixture import SourceReader, source_blocks
+from distill.kdset import KDSetError, read_json, write_atomic, write_json
+from distill.teacher import Teacher
+
+log = logging.getLogger("distill.select")
+SCORE_DTYPE = np.dtype([("cls", "<i4"), ("conf", "<f4")])  # conf -1: the image could not be read
+SELECTION = "selection.npz"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """D3's members (global indices into the extra split, sorted, repeats for replicated images) and its report."""
+
+    members: np.ndarray
+    classes: np.ndarray  # assigned class of each member
+    counts: dict  # per-class counts before and after, the settings, the best confidence seen
+
+    @classmethod
+    def load(cls, directory: Path) -> Selection:
+        path = Path(directory) / SELECTION
+        if not path.is_file():
+            raise KDSetError(f"{directory} has no D3 selection ({SELECTION}): run `python -m distill.build` with "
+                             f"the same overrides to make it")
+        with np.load(path, allow_pickle=False) as z:
+            members, classes = z["members"], z["classes"]
+        return cls(members, classes, read_json(Path(directory) / "class_counts.json"))
+
+
+def with_selection(source, selection: Selection):
+    """The source (a `distill.recipe.SourceConfig`) restricted to the selected members."""
+    from dataclasses import replace
+
+    return replace(source, members=selection.members)
+
+
+def balance(top: np.ndarray, conf: np.ndarray, num_classes: int, threshold: float,
+            per_class: int) -> tuple[np.ndarray, np.ndarray, dict[str, list[int]]]:
+    """Members (sorted image indices, repeats allowed) and their classes, plus the per-class counts:
+    `assigned` (top class, any confidence), `passed` (confidence >= threshold), `kept` (the most confident
+    `per_class` of those) and `after` (kept, with rare classes repeated up to `per_class`)."""
+    readable = conf >= 0
+    passed = readable & (conf >= threshold)
+    chosen, labels = [], []
+    counts: dict[str, list[int]] = {"assigned": [], "passed": [], "kept": [], "after": []}
+    for c in range(num_classes):
+        mine = np.flatnonzero(passed & (top == c))
+        # Most confident first; ties by index, so that the selection does not depend on the sort's stability.
+        mine = mine[np.lexsort((mine, -conf[mine]))][:per_class]
+        taken = np.resize(mine, per_class) if len(mine) else mine  # repeats cycle: each image once, then again
+        chosen.append(taken)
+        labels.append(np.full(len(taken), c, np.int32))
+        for key, n in (("assigned", int((readable & (top == c)).sum())), ("passed", int((passed & (top == c)).sum())),
+                       ("kept", len(mine)), ("after", len(taken))):
+            counts[key].append(n)
+    members, classes = np.concatenate(chosen).astype(np.int64), np.concatenate(labels)
+    order = np.argsort(members, kind="stable")
+    return members[order], classes[order], counts
+
+
+class ScoreRenderer(IterableDataset):
+    """Loader workers decode the extra images of whole shards into the selector's eval view."""
+
+    def __init__(self, blocks: list[tuple[str, np.ndarray]], todo: list[int], size: int, crop_pct: float,
+                 interpolation: str, chunk: int) -> None:
+        self.blocks, self.todo, self.chunk = blocks, todo, chunk
+        self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        transform = build_eval_transform(self.size, crop_pct=self.crop_pct, interpolation=self.interpolation)
+        reader = SourceReader(self.blocks)
+        for n, block in enumerate(self.todo):
+            if n % workers != worker:
+                continue
+            first, end = int(reader.starts[block]), int(reader.starts[block + 1])
+            raw = reader.read(range(first, end))
+            for at in range(first, end, self.chunk):
+                images, ok = [], []
+                for m in range(at, min(end, at + self.chunk)):
+                    try:
+                        if isinstance(raw[m], str):
+                            raise ValueError(raw[m])
+                        images.append(transform(raw[m]["jpg"]))
+                        ok.append(True)
+                    except Exception as e:  # noqa: BLE001 - an unreadable image is never selected
+                        log.warning("kd d3: extra image #%d cannot be read: %s", m, e)
+                        images.append(np.zeros((self.size, self.size, 3), np.uint8))
+                        ok.append(False)
+                yield {"block": block, "offset": at - first, "total": end - first, "ok": ok,
+                       "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)}
+
+
+def score(selector: Teacher, shards: Sequence[tuple[Path, int]], directory: Path, *, share: tuple[int, int],
+          batch_size: int, num_workers: int, device: torch.device, autocast: bool) -> None:
+    """Score this share's extra shards that have no score file yet (resumable: one file per shard)."""
+    blocks = source_blocks(shards)
+    me, count = share
+    todo = [k for k in range(len(blocks)) if k % count == me and not _score_path(directory, k).is_file()]
+    if not todo:
+        return
+    log.info("kd d3: scoring %d extra shards with the selector (%s)", len(todo), selector.identity["source"])
+    selector.to(device)
+    renderer = ScoreRenderer(blocks, todo, selector.img_size, float(selector.data_config["crop_pct"]),
+                             selector.interpolation, batch_size)
+    loader = DataLoader(renderer, batch_size=None, num_workers=num_workers, worker_init_fn=_single_threaded_worker)
+    pending: dict[int, np.ndarray] = {}
+    filled: dict[int, int] = {}
+    start, images = time.time(), 0
+    for chunk in loader:
+        block = chunk["block"]
+        out = pending.setdefault(block, np.zeros(chunk["total"], SCORE_DTYPE))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            probs = torch.softmax(selector.logits(chunk["images"].to(device)).float(), dim=1)
+        conf, top = probs.max(dim=1)
+        rows = out[chunk["offset"]:chunk["offset"] + len(chunk["ok"])]
+        rows["cls"], rows["conf"] = top.cpu().numpy(), np.where(chunk["ok"], conf.cpu().numpy(), -1.0)
+        filled[block] = filled.get(block, 0) + len(chunk["ok"])
+        images += len(chunk["ok"])
+        if filled[block] == chunk["total"]:
+            done = pending.pop(block)
+            write_atomic(_score_path(directory, block), lambda f, a=done: np.save(f, a, allow_pickle=False))
+    log.info("kd d3: scored %d images in %.1f s (%.1f images/s)", images, time.time() - start,
+             images / max(1e-9, time.time() - start))
+
+
+def _score_path(directory: Path, block: int) -> Path:
+    return Path(directory) / "scores" / f"block-{block:06d}.npy"
+
+
+def missing_scores(directory: Path, shards: Sequence) -> list[int]:
+    return [k for k in range(len(shards)) if not _score_path(directory, k).is_file()]
+
+
+def select(directory: Path, shards: Sequence[tuple[Path, int]], *, label_names: Sequence[str], threshold: float,
+           per_class: int, identity: dict) -> Selection:
+    """Balance the scored extra images (every score file must exist) and write the selection and its report."""
+    directory = Path(directory)
+    if (directory / SELECTION).is_file():
+        return Selection.load(directory)
+    scores = np.concatenate([np.load(_score_path(directory, k), allow_pickle=False) for k in range(len(shards))])
+    readable = scores["conf"] >= 0
+    if not readable.any():
+        raise KDSetError(f"kd d3: none of the {len(scores)} extra images could be read: check kd.extra_root")
+    best = float(scores["conf"][readable].max())
+    if best < threshold:
+        raise KDSetError(f"kd d3: no extra image reaches kd.sources.d3.threshold={threshold} (the selector's best "
+                         f"top-class confidence is {best:.4f} over {int(readable.sum())} images): lower the threshold, "
+                         f"use a better selector (kd.sources.d3.selector), or check that the extra data shows the "
+                         f"task's classes")
+    members, classes, counts = balance(scores["cls"], scores["conf"], len(label_names), threshold, per_class)
+    report = {**identity, "images": len(scores), "readable": int(readable.sum()), "best_confidence": best,
+              "classes": list(label_names), **counts,
+              "empty_classes": [n for n, k in zip(label_names, counts["kept"]) if k == 0],
+              "replicated_classes": sum(1 for k in counts["kept"] if 0 < k < per_class)}
+    log.info("%s", table(report))
+    if report["empty_classes"]:
+        log.warning("kd d3: %d classes have no extra image above the threshold and get none: %s",
+                    len(report["empty_classes"]), ", ".join(report["empty_classes"][:20]))
+    write_json(directory / "class_counts.json", report)
+    plot(report, directory / "class_counts.png")
+    write_atomic(directory / SELECTION, lambda f: np.savez(f, members=members, classes=classes))
+    return Selection(members, classes, report)
+
+
+def table(report: dict) -> str:
+    """The per-class counts as a text table (the log's copy of class_counts.json)."""
+    head = (f"kd d3: class balancing of {report['images']} extra images (threshold {report['threshold']}, "
+            f"{report['per_class']} per class)")
+    width = max(12, *(len(n) for n in report["classes"]))
+    lines = [head, f"  {'class':<{width}} {'top class':>10} {'>= thresh':>10} {'kept':>8} {'after':>8}"]
+    for i, name in enumerate(report["classes"]):
+        lines.append(f"  {name:<{width}} {report['assigned'][i]:>10} {report['passed'][i]:>10} "
+                     f"{report['kept'][i]:>8} {report['after'][i]:>8}")
+    lines.append(f"  {'total':<{width}} {sum(report['assigned']):>10} {sum(report['passed']):>10} "
+                 f"{sum(report['kept']):>8} {sum(report['after']):>8}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Per-class counts before (passed the threshold) and after balancing, classes sorted by the former."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before, after = np.asarray(report["passed"]), np.asarray(report["after"])
+    order = np.argsort(-before, kind="stable")
+    fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
+    x = np.arange(len(order))
+    ax.bar(x, before[order], width=1.0, color="#9ab", label=f"confidence >= {report['threshold']}")
+    ax.step(x, after[order], where="mid", color="#c33", label=f"after balancing ({report['per_class']} per class)")
+    ax.set_xlabel("class (sorted by images passing the threshold)")
+    ax.set_ylabel("images")
+    if before.max() > 20 * max(1, before[before > 0].min() if (before > 0).any() else 1):
+        ax.set_yscale("symlog")
+    if len(order) <= 30:
+        ax.set_xticks(x, [report["classes"][i] for i in order], rotation=60, ha="right", fontsize=7)
+    ax.legend()
+    ax.set_title("D3: extra images per class")
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
