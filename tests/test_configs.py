@@ -73,3 +73,47 @@ def test_users_first_overrides_land_where_they_are_named():
 def test_no_config_group_shadows_the_distill_or_qat_switch():
     # Hydra treats any conf/<name>/ folder as a group, and then `distill=true` stops composing.
     assert not (CONF / "distill").exists() and not (CONF / "qat").exists()
+
+
+TABLE_9 = {"mnv4_conv_s": 75.5, "mnv4_conv_m": 82.7, "mnv4_conv_l": 85.9, "mnv4_hybrid_m": 83.7, "mnv4_hybrid_l": 86.6}
+
+
+def _target(experiment: str) -> float:
+    import re
+
+    text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
+    return float(re.search(r"^# Target: ([\d.]+) top-1", text, re.M).group(1))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_published_model_has_its_paper_recipe_aiming_at_the_papers_number(model):
+    cfg = compose_train(f"experiment={model}_paper")
+    assert cfg.model.key == model and cfg.recipe == f"{model}_paper"
+    assert _target(f"{model}_paper") == cfg.model.paper.top1
+    # The recipe states its global batch, so that a run on another one scales lr by the stated rule.
+    text = (CONF / "experiment" / f"{model}_paper.yaml").read_text()
+    base = text + "".join(
+        (CONF / "experiment" / f"{line.strip()[2:]}.yaml").read_text() for line in text.splitlines()
+        if line.strip().startswith("- mnv"))
+    assert cfg.optim.lr_batch and f"Global batch {cfg.optim.lr_batch}" in base
+
+
+@pytest.mark.parametrize("model", sorted(TABLE_9))
+def test_every_mnv4_distill_experiment_turns_distillation_on_and_targets_table_9(model):
+    cfg = compose_train(f"experiment={model}_distill")
+    assert cfg.distill is True and cfg.model.key == model and cfg.kd.method == "soft_target"
+    assert _target(f"{model}_distill") == TABLE_9[model] and cfg.label_smoothing == 0.0
+    assert cfg.optim.lr_batch == compose_train(f"experiment={model}_paper").optim.lr_batch
+
+
+@pytest.mark.parametrize(("opt", "batch", "expected"), [("adamw", 1024, 0.002), ("sgd", 1024, 0.001),
+                                                         ("adamw", 4096, 0.004)])
+def test_lr_follows_the_global_batch_by_the_optimizers_rule(opt, batch, expected):
+    from torch import nn
+
+    from train.optim import optimizer_factory
+
+    factory = optimizer_factory(opt, lr=0.004, weight_decay=0.0, lr_batch=4096,
+                                lr_scaling=compose_train(f"optim={opt}").optim.lr_scaling, global_batch=lambda: batch)
+    optimizer = factory(nn.Linear(2, 2))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)

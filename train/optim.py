@@ -6,6 +6,9 @@ epoch length; the number of updates per epoch comes from the data stream, which 
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +16,31 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LRScaling:
+    """`lr` is given for a global batch of `lr_batch`; a run with another global batch B gets lr * (B / lr_batch)
+    (linear, Goyal et al. 2017: SGD and RMSprop) or lr * sqrt(B / lr_batch) (the square-root rule timm applies to
+    Adam-family optimizers). Paper recipes state their global batch, so a run on fewer devices stays on recipe."""
+
+    lr_batch: int
+    rule: str
+    global_batch: Callable[[], int]
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("linear", "sqrt"):
+            raise ValueError(f"optim.lr_scaling must be linear or sqrt, got {self.rule!r}")
+
+    def __call__(self, lr: float) -> float:
+        ratio = self.global_batch() / self.lr_batch
+        scaled = lr * (ratio if self.rule == "linear" else math.sqrt(ratio))
+        if ratio != 1:
+            log.info("lr %.4g is for a global batch of %d; this run's is %d: lr %.4g (%s scaling)", lr,
+                     self.lr_batch, self.global_batch(), scaled, self.rule)
+        return scaled
 
 
 @dataclass(frozen=True)
@@ -23,10 +51,12 @@ class OptimizerFactory:
     lr: float
     weight_decay: float
     kwargs: dict[str, Any] = field(default_factory=dict)
+    scaling: LRScaling | None = None  # None: lr as given
 
     def __call__(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        lr = self.lr if self.scaling is None else self.scaling(self.lr)
         return create_optimizer_v2(
-            model, opt=self.opt, lr=self.lr, weight_decay=self.weight_decay, filter_bias_and_bn=True, **self.kwargs
+            model, opt=self.opt, lr=lr, weight_decay=self.weight_decay, filter_bias_and_bn=True, **self.kwargs
         )
 
 
@@ -57,8 +87,16 @@ class SchedulerFactory:
         return scheduler
 
 
-def optimizer_factory(opt: str, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> OptimizerFactory:
-    return OptimizerFactory(opt=opt, lr=lr, weight_decay=weight_decay, kwargs=kwargs)
+def optimizer_factory(opt: str, lr: float, weight_decay: float = 0.0, *, lr_batch: int | None = None,
+                      lr_scaling: str | None = None, global_batch: Callable[[], int] | None = None,
+                      **kwargs: Any) -> OptimizerFactory:
+    """The `optim` group's values; with `lr_batch` set, lr follows the run's global batch (`LRScaling`)."""
+    scaling = None
+    if lr_batch is not None:
+        if global_batch is None or lr_scaling is None:
+            raise ValueError("optim.lr_batch needs optim.lr_scaling and the run's global batch")
+        scaling = LRScaling(int(lr_batch), str(lr_scaling), global_batch)
+    return OptimizerFactory(opt=opt, lr=lr, weight_decay=weight_decay, kwargs=kwargs, scaling=scaling)
 
 
 def scheduler_factory(sched: str, num_epochs: int, **kwargs: Any) -> SchedulerFactory:

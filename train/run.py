@@ -145,6 +145,10 @@ def _build_module(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, da
         # Lightning steps the optimizer on the last, partial accumulation of an epoch too.
         return max(1, math.ceil(datamodule.steps_per_epoch(world) / cfg.trainer.accumulate_grad_batches))
 
+    def global_batch() -> int:
+        world = datamodule.trainer.world_size if datamodule.trainer else 1
+        return int(cfg.data.batch_size) * world * int(cfg.trainer.accumulate_grad_batches)
+
     return ImageClassifier(
         model,
         num_classes=info.num_classes,
@@ -153,7 +157,7 @@ def _build_module(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, da
         objective=objective,
         batch_mixing=_batch_mixing(cfg, info),
         val_extras=val_extras,
-        optimizer=optimizer_factory(**optim),
+        optimizer=optimizer_factory(**optim, global_batch=global_batch),
         scheduler=scheduler_factory(num_epochs=cfg.trainer.max_epochs, **sched),
         updates_per_epoch=updates_per_epoch,
         channels_last=cfg.channels_last,
