@@ -35,3 +35,21 @@ def synthetic_shards(tmp_path_factory, synthetic_folder) -> Path:
     out = tmp_path_factory.mktemp("synthetic-shards")
     make_shards(synthetic_folder, out, samples_per_shard=64, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory, synthetic_shards) -> Path:
+    """A teacher trained by the pipeline itself on `synthetic_shards` (one short epoch: for tests of mechanics and
+    cost, not accuracy); its export directory."""
+    from hydra import compose, initialize_config_dir
+
+    from train.run import train
+
+    run_dir = tmp_path_factory.mktemp("teacher")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "data.img_size=32", "model=mnv3_s_075", "data.num_workers=2", "trainer.accelerator=cpu",
+            "trainer.devices=1", "callbacks.progress_bar=false", "logger.wandb.enabled=false", f"run_dir={run_dir}",
+            f"data.root={synthetic_shards}", "data.batch_size=25", "trainer.max_epochs=1"])
+    train(cfg)
+    return run_dir / "export"

@@ -44,6 +44,22 @@ def test_loader_runs_ours_and_both_timm_variants_and_prints_the_ratio_last(synth
     assert re.fullmatch(rf"ratio \(ours / faster timm\): {RATIO} flip, {RATIO} randaug", last_line(out)), out
 
 
+def test_distill_bench_builds_both_storages_times_three_loaders_and_prints_the_ratios_last(
+        synthetic_folder, trained_teacher, tmp_path, capsys):
+    from bench.distill import main
+
+    assert main([
+        "--src", str(synthetic_folder), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+        "--teacher", str(trained_teacher), "--img-size", "32", "--batch-size", "4", "--warmup", "1", "--batches", "2",
+        "--repeats", "1", "--workers", "1", "--replicas", "1", "--build-batch", "16", "--quiet",
+    ]) == 0
+    out = capsys.readouterr().out
+    for row in ("build, params storage", "build, pixels storage", "labels only (ShardDataModule)",
+                "replay (params storage)", "pixels storage"):
+        assert any(line.startswith(row) for line in out.splitlines()), out
+    assert re.fullmatch(rf"ratio \(vs labels-only loader\): {RATIO} replay, {RATIO} pixels", last_line(out)), out
+
+
 def test_the_slice_is_made_once_and_symlinks_the_photos(synthetic_folder, tmp_path):
     from bench.common import prepare_slice
 

@@ -7,25 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from lightning import Callback
+from preemption import PreemptAt, Preemption
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Preemption(Exception):
-    pass
-
-
-class PreemptAt(Callback):
-    """Kills the run after `step` optimizer steps, as a node failure would (the checkpoint of that step may or
-    may not have been written: the resume must work from whatever last.ckpt holds)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            raise Preemption(f"preempted at step {trainer.global_step}")
 
 
 def run(root: Path, run_dir: Path, *overrides: str, callbacks=()) -> dict[str, float]:

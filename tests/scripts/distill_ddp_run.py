@@ -1,0 +1,46 @@
+"""`train.run.train` with distill=true under DDP, recording what each rank trained on, for tests/test_distill.py.
+
+    python tests/scripts/distill_ddp_run.py OUT [train overrides...]
+
+Each rank writes OUT/rank<r>.json: its batches' sample keys and sources. Lightning's DDP launcher re-executes this
+script once per extra rank, as it would for a user's training script.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import lightning.pytorch as pl  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+
+class Recorder(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out, self.batches = out, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append({"epoch": trainer.current_epoch, "keys": list(batch["key"]),
+                             "source": batch["source"].tolist()})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"rank": trainer.global_rank, "world_size": trainer.world_size, "batches": self.batches}))
+
+
+def main() -> None:
+    from train.run import train
+
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    train(cfg, callbacks=[Recorder(out)])
+
+
+if __name__ == "__main__":
+    main()
