@@ -56,6 +56,9 @@ class WithTeacherView:
 
     def __init__(self, student, teacher) -> None:
         self.student, self.teacher = student, teacher
+        # The same preprocessing (size, crop, interpolation): decode once and hand the same pixels to both.
+        self.same = repr(student) == repr(teacher)
 
     def __call__(self, data: bytes) -> dict:
-        return {"image": self.student(data), "teacher_image": self.teacher(data)}
+        image = self.student(data)
+        return {"image": image, "teacher_image": image if self.same else self.teacher(data)}

@@ -50,10 +50,17 @@ def test_misspelt_override_is_a_clear_hydra_error(tmp_path):
     assert_clean_failure(run_train("trainer.max_epoch=3", cwd=tmp_path), "max_epoch")
 
 
-def test_qat_composes_and_says_it_is_not_implemented_yet(tmp_path, synthetic_shards):
+def test_qat_without_a_float_model_or_with_another_architecture_says_what_init_from_is(tmp_path, synthetic_shards,
+                                                                                       trained_teacher):
     out = assert_clean_failure(run_train("qat=true", f"data.root={synthetic_shards}", cwd=tmp_path),
-                               "not implemented yet")
+                               "set init_from=<run>/export")
     assert "Could not override" not in out  # composed: a Hydra error would say this
+    # trained_teacher is an export of mnv3_s_075: another model cannot start from it.
+    assert_clean_failure(run_train("qat=true", "model=mnv3_s_100", f"data.root={synthetic_shards}",
+                                   f"init_from={trained_teacher}", cwd=tmp_path),
+                         "holds mobilenetv3_small_075, but this run's model is mobilenetv3_small_100")
+    assert_clean_failure(run_train("qat=true", f"data.root={synthetic_shards}", f"init_from={tmp_path}/nothing",
+                                   cwd=tmp_path), "does not exist")
 
 
 def test_distill_without_a_teacher_or_with_a_missing_one_says_what_a_teacher_is(tmp_path, synthetic_shards):

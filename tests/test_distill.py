@@ -304,7 +304,7 @@ D3 = ("kd.sources.d1.replicas=1", "kd.sources.d2.weight=0", "kd.sources.d3.repli
       "kd.sources.d3.per_class=8", "kd.sources.d3.threshold=0.0")
 
 
-def test_d3_build_balances_the_extra_data_and_reports_counts_before_and_after(built_d3, synthetic_shards, caplog):
+def test_d3_build_balances_the_extra_data_and_reports_counts_before_and_after(built_d3, synthetic_shards):
     d3 = built_d3 / "d3"
     manifest = json.loads((built_d3 / "manifest.json").read_text())
     report = manifest["d3_classes"]

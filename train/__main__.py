@@ -17,11 +17,12 @@ def main(cfg: DictConfig) -> None:
     from distill.kdset import KDSetError
     from distill.teacher import TeacherError
     from train.models import ModelConfigError
+    from train.quant.backend import QuantError
     from train.run import train
 
     try:
         train(cfg)
-    except (DatasetError, ModelConfigError, TeacherError, KDSetError, NotImplementedError) as e:
+    except (DatasetError, ModelConfigError, TeacherError, KDSetError, QuantError, NotImplementedError) as e:
         # Bad input, not a bug: say what is wrong and how to fix it, without a stack trace.
         log.error("%s", e)
         sys.exit(2)

@@ -23,7 +23,7 @@ from train.models import check_img_size, check_model_name, count_macs, create_mo
 from train.module import ImageClassifier
 from train.objective import ClassificationObjective, NoMixing, build_batch_mixing
 from train.optim import optimizer_factory, scheduler_factory
-from train.quantize import prepare_qat
+from train.quant.backend import QuantError
 from train.tracking import RunIdentity, build_loggers, define_summaries, record_summary
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
     img_size = data_config["input_size"][-1]
     check_img_size(model, img_size)
     macs = count_macs(model, img_size)
-    model = prepare_qat(model, enabled=cfg.qat)
+    if cfg.qat:
+        model = _fake_quant(cfg, model, info, img_size)
 
     datamodule, objective, val_extras, kd_record = _build_data_and_objective(cfg, info, data_config)
     module = _build_module(cfg, model, info, data_config, datamodule, macs, objective, val_extras)
@@ -66,7 +67,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
                                 has_logger=bool(loggers),
                                 progress_refresh=cfg.trainer.log_every_n_steps if cfg.callbacks.progress_bar else None)
     trainer = L.Trainer(**_trainer_kwargs(cfg), default_root_dir=run_dir, logger=loggers or False,
-                        callbacks=[*run_callbacks, *datamodule.callbacks(), *callbacks],
+                        callbacks=[*run_callbacks, *datamodule.callbacks(), *_qat_callbacks(cfg), *callbacks],
                         enable_progress_bar=cfg.callbacks.progress_bar, plugins=[AtomicCheckpointIO()])
     define_summaries(loggers)
     record_summary(loggers, {"model/params_m": _params_m(model), "model/macs_m": macs / 1e6, "img_size": img_size,
@@ -139,6 +140,11 @@ def _build_module(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, da
                   val_extras: torch.nn.Module | None) -> ImageClassifier:
     optim = dict(_plain(cfg.optim))
     sched = dict(_plain(cfg.sched))
+    if cfg.qat:  # QAT fine-tunes at a fraction of the float recipe's lr
+        optim["lr"] *= float(cfg.quant.lr_scale)
+        for key in ("warmup_lr", "min_lr"):
+            if sched.get(key):
+                sched[key] *= float(cfg.quant.lr_scale)
 
     def updates_per_epoch() -> int:
         world = datamodule.trainer.world_size if datamodule.trainer else 1
@@ -174,6 +180,11 @@ def _batch_mixing(cfg: DictConfig, info: DatasetInfo):
 
 def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kwargs = {k: v for k, v in _plain(cfg.trainer).items() if v is not None}
+    if cfg.qat:  # fake quantization simulates int8 arithmetic in fp32; observers see fp32 ranges
+        if kwargs.get("precision") not in ("auto", "32", "32-true"):
+            raise QuantError(f"qat=true trains in fp32; trainer.precision={kwargs.get('precision')} would change "
+                             f"the ranges the observers see: drop the override (auto picks 32-true)")
+        kwargs["precision"] = "32-true"
     if kwargs.get("precision") == "auto":
         bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         kwargs["precision"] = "bf16-mixed" if bf16_gpu else "32-true"
@@ -194,6 +205,36 @@ def _export(run_dir: Path, module: ImageClassifier, info: DatasetInfo, data_conf
                                                                interpolation=data_config["interpolation"]),
                                batch_size=cfg.data.val_batch_size or cfg.data.batch_size,
                                num_workers=min(cfg.data.num_workers, 4))
-    report = export_model(module.model.cpu().eval(), run_dir / "export", architecture=cfg.model.name,
+    network = module.model.cpu().eval()
+    if cfg.qat:
+        from train.quant.recipe import float_model
+
+        network = float_model(module.model, cfg.model.name, info.num_classes)
+    report = export_model(network, run_dir / "export", architecture=cfg.model.name,
                           label_names=info.label_names, data_config=data_config, val_batches=loader)
-    return {f"export/{k}": float(v) for k, v in report.metrics.items() if isinstance(v, (int, float))}
+    metrics = dict(report.metrics)
+    if cfg.qat:
+        from train.quant.recipe import export_int8
+
+        int8 = export_int8(module.model, network, run_dir / "export", loader, img_size=img_size,
+                           mean=data_config["mean"], std=data_config["std"], num_classes=info.num_classes,
+                           min_agreement=_plain(cfg.quant.min_agreement))
+        metrics.update(int8.metrics)
+        for failure in int8.failures:
+            record_summary(loggers, {"export/int8_failure": failure})
+    return {f"export/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _fake_quant(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, img_size: int) -> torch.nn.Module:
+    from train.quant.recipe import build_network
+
+    return build_network(model, init_from=cfg.init_from, name=cfg.model.name, label_names=info.label_names,
+                         img_size=img_size, quant=_plain(cfg.quant))
+
+
+def _qat_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    if not cfg.qat:
+        return []
+    from train.quant.recipe import QATSchedule
+
+    return [QATSchedule(cfg.quant.freeze_bn_epoch, cfg.quant.freeze_observer_epoch)]

@@ -14,11 +14,13 @@ uint16 fractions), so a rendered view never depends on more than its record.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import simplejpeg
 
@@ -101,11 +103,7 @@ class ViewRecipe:
         return np.dtype(fields)
 
     def ops(self) -> tuple[PolicyOp, ...]:
-        if self.randaugment is None:
-            return ()
-        style, upper = randaugment_style(self.randaugment, self.interpolation)
-        cfg = self.randaugment
-        return tuple(PolicyOp(op, cfg.magnitude, style, cfg.magnitude_std, upper) for op in randaugment_ops(cfg))
+        return _policy_ops(self.randaugment, self.interpolation)
 
     # ------------------------------------------------------------------------------------------------ drawing
 
@@ -179,7 +177,7 @@ class ViewRecipe:
         left, top, width, height = (int(v) for v in rec["box"])
         img = crop_resize(open_image(data), Box(left, top, width, height), self.size, self.interpolation)
         if rec["flip"]:
-            img = np.ascontiguousarray(img[:, ::-1])
+            img = cv2.flip(img, 1)  # the same pixels as img[:, ::-1], without a strided copy
         for layer in range(self.layers):
             choice = int(rec["op"][layer])
             if choice == NO_OP:
@@ -191,6 +189,17 @@ class ViewRecipe:
                            resample=cv2_interpolation(resample),
                            center=tuple(float(c) / _CENTRE_SCALE for c in rec["centre"][layer]))
         return np.ascontiguousarray(img)
+
+
+@functools.lru_cache(maxsize=32)
+def _policy_ops(randaugment: RandAugmentConfig | None, interpolation: str) -> tuple[PolicyOp, ...]:
+    """The RandAugment ops of a recipe, built once per process (building albumentations transforms costs more
+    than applying them); their randomness is unused here: every argument comes from the view's record."""
+    if randaugment is None:
+        return ()
+    style, upper = randaugment_style(randaugment, interpolation)
+    return tuple(PolicyOp(op, randaugment.magnitude, style, randaugment.magnitude_std, upper)
+                 for op in randaugment_ops(randaugment))
 
 
 def jpeg_encode(view: np.ndarray, quality: int) -> bytes:

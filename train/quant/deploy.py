@@ -1,0 +1,233 @@
+"""int8 deployment: convert the fake-quant network, write `model_int8.pte` (ExecuTorch, XNNPACK) and
+`model_int8.onnx` (QDQ, onnxruntime), and measure each file **in its own runtime** on the validation images.
+
+What is measured (recipes.md §9): top-1/top-5 of the converted PyTorch int8 model and of each runtime, each
+runtime's top-1 agreement with the PyTorch int8 model and its max |logit difference|, file sizes, and batch-1 CPU
+latency per image of the float and int8 model in each runtime. A runtime whose agreement falls below its threshold
+is reported as a failure (`Int8Report.failures`), never silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from train.quant.backend import QuantError, require
+from train.quant.network import FakeQuantNetwork, drop_batch_counters
+
+log = logging.getLogger(__name__)
+PTE_FILE, ONNX_FILE = "model_int8.pte", "model_int8.onnx"
+ONNX_MAX_BATCH = 1024
+
+
+def convert(net: FakeQuantNetwork) -> torch.fx.GraphModule:
+    """The int8 PyTorch model (quantize/dequantize around int8 weights) of a fake-quant network; `net` is untouched."""
+    pt2e = require("torchao.quantization.pt2e")
+    quantize = require("torchao.quantization.pt2e.quantize_pt2e")
+    # Training may have made the weights channels_last; the lowering passes expect the layout they were traced in.
+    prepared = copy.deepcopy(net.graph).to(memory_format=torch.contiguous_format)
+    prepared.apply(pt2e.disable_observer)
+    converted = quantize.convert_pt2e(prepared)
+    pt2e.move_exported_model_to_eval(converted)
+    drop_batch_counters(converted)
+    return converted
+
+
+def _program(model: nn.Module, img_size: int, dynamic: bool):
+    from torch.export import Dim
+
+    x = torch.randn(2, 3, img_size, img_size)
+    shapes = ({0: Dim("batch", min=1, max=ONNX_MAX_BATCH)},) if dynamic else None
+    return torch.export.export(model, (x if dynamic else x[:1],), dynamic_shapes=shapes)
+
+
+def write_pte(model: nn.Module, path: Path, img_size: int) -> bool:
+    """ExecuTorch program lowered to XNNPACK; returns whether the batch dimension is dynamic (else it is 1)."""
+    exir = require("executorch.exir")
+    xnn = require("executorch.backends.xnnpack.partition.xnnpack_partitioner")
+    for dynamic in (True, False):
+        try:
+            lowered = exir.to_edge_transform_and_lower(_program(model, img_size, dynamic),
+                                                       partitioner=[xnn.XnnpackPartitioner()]).to_executorch()
+        except Exception as e:  # noqa: BLE001 - a static batch is the fallback the format allows
+            if not dynamic:
+                raise QuantError(f"ExecuTorch cannot lower the int8 model: {type(e).__name__}: {str(e)[:400]}") \
+                    from None
+            log.warning("ExecuTorch: a dynamic batch did not lower (%s); writing a batch-1 program", e)
+            continue
+        path.write_bytes(lowered.buffer)
+        return dynamic
+    return False
+
+
+def write_onnx(model: nn.Module, path: Path, img_size: int) -> None:
+    """QDQ ONNX (QuantizeLinear/DequantizeLinear around int8 weights), dynamic batch, one file."""
+    from train.export.artifacts import ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, _quiet
+
+    with _quiet("onnxscript", "onnx_ir"):
+        program = torch.onnx.export(model, (torch.randn(2, 3, img_size, img_size),), input_names=[ONNX_INPUT],
+                                    output_names=[ONNX_OUTPUT], opset_version=ONNX_OPSET,
+                                    dynamic_shapes=({0: "batch"},), dynamo=True, verbose=False)
+        program.save(str(path), external_data=False)
+
+
+# ------------------------------------------------------------------------------------------------ runtimes
+
+
+class PteRunner:
+    """A .pte file in the ExecuTorch runtime. A dynamic batch is bounded by the memory ExecuTorch planned for the
+    input (not by the export's Dim bound), so the largest batch that runs is probed once and bigger batches are run
+    in pieces of that size; a static program runs image by image."""
+
+    name = "pte"
+
+    def __init__(self, path: Path, dynamic: bool, img_size: int) -> None:
+        runtime = require("executorch.runtime")
+        self.method = runtime.Runtime.get().load_program(str(path)).load_method("forward")
+        self.max_batch = self._probe(img_size) if dynamic else 1
+
+    def _probe(self, img_size: int) -> int:
+        best = 1
+        for batch in (2, 4, 8, 16, 32, 64):
+            try:
+                self.method.execute([torch.zeros(batch, 3, img_size, img_size)])
+            except RuntimeError:
+                break
+            best = batch
+        return best
+
+    def __call__(self, x: Tensor) -> Tensor:
+        step = self.max_batch
+        return torch.cat([self.method.execute([x[i:i + step].contiguous()])[0] for i in range(0, x.size(0), step)])
+
+
+class OnnxRunner:
+    name = "onnx"
+
+    def __init__(self, path: Path) -> None:
+        ort = require("onnxruntime")
+        from train.export.artifacts import ONNX_INPUT, ONNX_OUTPUT
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input, self.output = ONNX_INPUT, ONNX_OUTPUT
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.from_numpy(self.session.run([self.output], {self.input: np.ascontiguousarray(x.numpy())})[0])
+
+
+def latency_ms(run: Callable[[Tensor], Any], img_size: int, repeats: int = 30) -> float:
+    """Median ms for one image (batch 1), after a few warm-up calls."""
+    x = torch.randn(1, 3, img_size, img_size)
+    with torch.inference_mode():
+        for _ in range(3):
+            run(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(x)
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class Int8Report:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def measure(models: Mapping[str, Callable[[Tensor], Tensor]], reference: str, batches: Iterable[Mapping[str, Any]],
+            *, mean: Sequence[float], std: Sequence[float], num_classes: int) -> dict[str, dict[str, float]]:
+    """Top-1/top-5 of every model over the valid images, and each one's top-1 agreement and max |logit
+    difference| against `reference`, in one pass over the batches (every model sees the same pixels)."""
+    from train.export.artifacts import normalize
+
+    k = min(5, num_classes)
+    stats = {name: {"hits1": 0, "hits5": 0, "agree": 0, "max_diff": 0.0} for name in models}
+    seen = 0
+    with torch.inference_mode():
+        for batch in batches:
+            valid = batch["valid"].to(torch.bool)
+            if not valid.any():
+                continue
+            x, target = normalize(batch["image"][valid], mean, std), batch["target"][valid]
+            logits = {name: run(x).float() for name, run in models.items()}
+            ref = logits[reference]
+            for name, out in logits.items():
+                top = out.topk(k, dim=1).indices
+                s = stats[name]
+                s["hits1"] += int((top[:, 0] == target).sum())
+                s["hits5"] += int((top == target[:, None]).any(dim=1).sum())
+                s["agree"] += int((out.argmax(1) == ref.argmax(1)).sum())
+                s["max_diff"] = max(s["max_diff"], float((out - ref).abs().max()))
+            seen += int(valid.sum())
+    if seen == 0:
+        raise QuantError("the validation batches held no valid image: check the val split of the data root")
+    return {name: {"top1": 100.0 * s["hits1"] / seen, "top5": 100.0 * s["hits5"] / seen,
+                   "agree": 100.0 * s["agree"] / seen, "max_diff": s["max_diff"], "images": seen}
+            for name, s in stats.items()}
+
+
+def deploy(net: FakeQuantNetwork, float_model: nn.Module, out_dir: Path, batches: Iterable, *, img_size: int,
+           mean: Sequence[float], std: Sequence[float], num_classes: int,
+           min_agreement: Mapping[str, float]) -> Int8Report:
+    """Convert, write both int8 files into `out_dir`, and measure float, fake-quant, int8 PyTorch and each runtime."""
+    out_dir = Path(out_dir)
+    converted = convert(net)
+    pte, onnx_path = out_dir / PTE_FILE, out_dir / ONNX_FILE
+    dynamic = write_pte(converted, pte, img_size)
+    write_onnx(converted, onnx_path, img_size)
+    runners = {"pte": PteRunner(pte, dynamic, img_size), "onnx": OnnxRunner(onnx_path)}
+    fake = copy.deepcopy(net).eval()
+    float_model = float_model.eval()
+    results = measure({"float": float_model, "fakequant": fake, "int8_torch": converted, **runners}, "int8_torch",
+                      batches, mean=mean, std=std, num_classes=num_classes)
+    metrics: dict[str, Any] = {"val_images": results["float"]["images"]}
+    for name in ("float", "fakequant", "int8_torch", "pte", "onnx"):
+        key = name if name.startswith(("float", "fakequant", "int8")) else f"int8_{name}"
+        metrics[f"{key}_top1"], metrics[f"{key}_top5"] = results[name]["top1"], results[name]["top5"]
+    report = Int8Report(metrics)
+    for name in runners:
+        agree, diff = results[name]["agree"], results[name]["max_diff"]
+        metrics[f"int8_{name}_agreement"], metrics[f"int8_{name}_max_abs_diff"] = agree, diff
+        if agree < float(min_agreement[name]):
+            report.failures.append(f"{name}: top-1 agreement with the PyTorch int8 model {agree:.1f}% is below "
+                                   f"quant.min_agreement.{name}={min_agreement[name]}% (max |logit diff| {diff:.3g})")
+    metrics["size_mb"] = {"int8_pte": pte.stat().st_size / 1e6, "int8_onnx": onnx_path.stat().st_size / 1e6}
+    metrics["latency_ms"] = _latencies(float_model, converted, runners, img_size, out_dir, dynamic)
+    metrics["pte_max_batch"] = runners["pte"].max_batch
+    for failure in report.failures:
+        log.error("int8 export: %s", failure)
+    return report
+
+
+def _latencies(float_model: nn.Module, converted: nn.Module, runners: Mapping[str, Any], img_size: int,
+               out_dir: Path, dynamic: bool) -> dict[str, float]:
+    """Batch-1 CPU ms per image: float and int8 in ExecuTorch and in onnxruntime (float files made for it here)."""
+    out = {"int8_pte": latency_ms(runners["pte"], img_size), "int8_onnx": latency_ms(runners["onnx"], img_size),
+           "float_torch": latency_ms(float_model, img_size), "int8_torch": latency_ms(converted, img_size)}
+    with tempfile.TemporaryDirectory() as tmp:
+        float_pte = Path(tmp) / "float.pte"
+        float_dynamic = write_pte(float_model, float_pte, img_size)
+        out["float_pte"] = latency_ms(PteRunner(float_pte, float_dynamic, img_size), img_size)
+        float_onnx = out_dir / "model.onnx"
+        if not float_onnx.is_file():
+            from train.export.artifacts import export_onnx
+
+            float_onnx = Path(tmp) / "float.onnx"
+            export_onnx(float_model, float_onnx, torch.randn(2, 3, img_size, img_size))
+        out["float_onnx"] = latency_ms(OnnxRunner(float_onnx), img_size)
+    return out

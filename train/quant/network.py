@@ -1,0 +1,127 @@
+"""The fake-quantized network: a timm model exported (dynamic batch), prepared for QAT, and made to behave like an
+ordinary trainable nn.Module inside Lightning.
+
+The exported graph has none of nn.Module's train/eval behaviour, so this wrapper owns it (recipes.md §5d, §9):
+- `train(mode)` switches dropout and batch norm with torchao's `move_exported_model_to_train/eval`, then puts back
+  what those helpers get wrong: every dropout's own p (they reset it to 0.5), the BN freeze, and the observers,
+  which keep moving in eval unless disabled (so any evaluation, Lightning's included, leaves the scales alone).
+- `freeze_bn()` stops BN running statistics (the graph's batch_norm ops run with training=False from then on);
+  `freeze_observers()` stops the quantization ranges. Both are kept in checkpoints (`get_extra_state`).
+- Parameter and buffer names are the float model's (torch.export keeps them), so a checkpoint of this network
+  loads into a freshly prepared one exactly, and its float weights load into the timm model by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from train.quant.backend import QuantError, require
+
+MAX_BATCH = 1 << 16
+
+
+def _pt2e():
+    return require("torchao.quantization.pt2e")
+
+
+class FakeQuantNetwork(nn.Module):
+    def __init__(self, model: nn.Module, *, img_size: int, quantizer, example_batch: int = 4) -> None:
+        super().__init__()
+        quantize = require("torchao.quantization.pt2e.quantize_pt2e")
+        self.float_keys = tuple(model.state_dict())
+        example = torch.randn(example_batch, 3, img_size, img_size)
+        graph = _export(model.train(), example)
+        self.graph = quantize.prepare_qat_pt2e(graph, quantizer)
+        # In graph order: torchao's train/eval helpers rewrite these nodes (new names, p reset to 0.5).
+        self._dropout_p = [float(n.args[1]) for n in self._nodes("dropout")]
+        self.bn_frozen = False
+        self.observers_frozen = False
+        self.train(True)
+
+    # --------------------------------------------------------------------------------------- nn.Module behaviour
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.graph(x)
+
+    def train(self, mode: bool = True) -> FakeQuantNetwork:
+        pt2e = _pt2e()
+        self.training = mode
+        (pt2e.move_exported_model_to_train if mode else pt2e.move_exported_model_to_eval)(self.graph)
+        dropouts = self._nodes("dropout")
+        if len(dropouts) != len(self._dropout_p):
+            raise QuantError(f"the QAT graph has {len(dropouts)} dropout ops after a train/eval switch, not "
+                             f"{len(self._dropout_p)}: this torchao version rewrites them differently")
+        for node, p in zip(dropouts, self._dropout_p):
+            node.args = (node.args[0], p, mode)
+        if mode and self.bn_frozen:
+            self._bn_training(False)
+        if mode and not self.observers_frozen:
+            self.graph.apply(pt2e.enable_observer)
+        else:
+            self.graph.apply(pt2e.disable_observer)
+        drop_batch_counters(self.graph)
+        return self
+
+    def freeze_bn(self) -> None:
+        """BN running statistics stop changing (the normalisation keeps using them, as in eval)."""
+        self.bn_frozen = True
+        if self.training:
+            self._bn_training(False)
+            self.graph.recompile()
+
+    def freeze_observers(self) -> None:
+        """The quantization ranges (scales, zero points) stop changing; fake quantization stays on."""
+        self.observers_frozen = True
+        self.graph.apply(_pt2e().disable_observer)
+
+    def get_extra_state(self) -> dict[str, bool]:
+        return {"bn_frozen": self.bn_frozen, "observers_frozen": self.observers_frozen}
+
+    def set_extra_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("bn_frozen"):
+            self.freeze_bn()
+        if state.get("observers_frozen"):
+            self.freeze_observers()
+
+    def float_state_dict(self) -> dict[str, Tensor]:
+        """The float network's weights (the same names as the timm model's state_dict)."""
+        state = self.graph.state_dict()
+        return {k: state[k] for k in self.float_keys}
+
+    # --------------------------------------------------------------------------------------- graph surgery
+
+    def _nodes(self, op: str):
+        return [n for n in self.graph.graph.nodes if n.op == "call_function" and op in str(n.target)]
+
+    def _bn_training(self, training: bool) -> None:
+        for node in self._nodes("batch_norm"):
+            args = list(node.args)
+            args[5] = training
+            node.args = tuple(args)
+
+
+def drop_batch_counters(graph: torch.fx.GraphModule) -> None:
+    """Erase the graph's `num_batches_tracked += 1` ops: nothing reads the counter (every BN has a momentum), yet
+    they would change the state in eval and run outside XNNPACK in a .pte (recipes.md §9)."""
+    for node in list(graph.graph.nodes):
+        target = node.args[0] if node.op == "call_function" and node.args else None
+        if (str(node.target).startswith("aten.add_") and getattr(target, "op", None) == "get_attr"
+                and str(target.target).endswith("num_batches_tracked") and not node.users):
+            graph.graph.erase_node(node)
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+
+
+def _export(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
+    from torch.export import Dim
+
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
+    except Exception as e:  # noqa: BLE001 - say which model could not be traced, and why
+        raise QuantError(f"torch.export cannot trace {type(model).__name__} for QAT: {type(e).__name__}: "
+                         f"{str(e)[:500]}") from None
+    return program.module()

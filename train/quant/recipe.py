@@ -1,0 +1,136 @@
+"""`qat=true`: fine-tune a float network of ours with fake quantization, then ship it as int8.
+
+    python -m train model=mnv4_conv_s qat=true init_from=runs/mnv4_conv_s/<time>/export   # or a checkpoint
+
+The float weights come from `init_from` (an export directory or a checkpoint of `python -m train`, checked for the
+same architecture and classes); the `quant` config group holds the rest: the quantizer, the lr factor against the
+float recipe, the epochs at which BN statistics and then observers freeze, and the agreement each runtime must
+reach. The run exports the float model as usual and, next to it, model_int8.pte and model_int8.onnx, each measured
+in its own runtime (`train.quant.deploy`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from train.quant.backend import QuantError, quantizer
+from train.quant.network import FakeQuantNetwork
+
+log = logging.getLogger(__name__)
+
+
+def load_float(init_from: str | None, *, name: str, label_names: Sequence[str]) -> dict:
+    """The float weights of `init_from` for `name` with these classes (an export dir or a checkpoint of ours)."""
+    if not init_from:
+        raise QuantError("qat=true fine-tunes a trained float model: set init_from=<run>/export or a checkpoint "
+                         "(<run>/checkpoints/best.ckpt) of the same model")
+    path = Path(str(init_from)).expanduser()
+    if not path.exists():
+        raise QuantError(f"init_from={path} does not exist: give an export directory or a checkpoint of ours")
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise QuantError(f"init_from={path} is a directory without config.json: give an export directory "
+                             f"(<run>/export) or a checkpoint")
+        config = json.loads(config_file.read_text())
+        architecture, labels = config["architecture"], list(config.get("label_names") or [])
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / "model.safetensors"))
+    else:
+        from train.export.checkpoint import load_checkpoint, network_state
+
+        ckpt = load_checkpoint(path)
+        architecture, labels = ckpt["run_config"]["model"]["name"], list(ckpt["dataset"]["label_names"])
+        if ckpt["run_config"].get("qat"):
+            raise QuantError(f"init_from={path} is a QAT checkpoint: resume it with ckpt_path=..., or start QAT from "
+                             f"its float export")
+        state = network_state(ckpt["state_dict"])
+    if architecture != name:
+        raise QuantError(f"init_from={path} holds {architecture}, but this run's model is {name}: pick the model= "
+                         f"it was trained as, or another init_from")
+    if labels and list(labels) != list(label_names):
+        raise QuantError(f"init_from={path} was trained on {len(labels)} classes ({', '.join(labels[:3])}, ...), "
+                         f"this data has {len(label_names)} ({', '.join(list(label_names)[:3])}, ...): QAT needs "
+                         f"the float model's own classes")
+    return state
+
+
+def build_network(model: nn.Module, *, init_from: str | None, name: str, label_names: Sequence[str], img_size: int,
+                  quant: Mapping[str, Any]) -> FakeQuantNetwork:
+    """The fake-quant network of `model` with init_from's float weights."""
+    state = load_float(init_from, name=name, label_names=label_names)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise QuantError(f"init_from={init_from}: its weights do not fit {name} with {len(label_names)} classes: "
+                         f"{str(e)[:400]}") from None
+    q = quantizer(str(quant["backend"]), weight_bits=int(quant["weight_bits"]), qat=True)
+    return FakeQuantNetwork(model, img_size=img_size, quantizer=q)
+
+
+class QATSchedule(L.Callback):
+    """Freezes BN running statistics from epoch `freeze_bn_epoch` and observers from `freeze_observer_epoch`
+    (torchvision's QAT reference: 3 and 4), at the start of those epochs; frozen state is in checkpoints."""
+
+    def __init__(self, freeze_bn_epoch: int | None, freeze_observer_epoch: int | None) -> None:
+        self.freeze_bn_epoch, self.freeze_observer_epoch = freeze_bn_epoch, freeze_observer_epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        net = pl_module.model
+        epoch = trainer.current_epoch
+        if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch and not net.bn_frozen:
+            net.freeze_bn()
+            log.info("qat: BN statistics frozen from epoch %d", epoch)
+        if self.freeze_observer_epoch is not None and epoch >= self.freeze_observer_epoch and not net.observers_frozen:
+            net.freeze_observers()
+            log.info("qat: observers frozen from epoch %d", epoch)
+
+
+def float_model(net: FakeQuantNetwork, name: str, num_classes: int) -> nn.Module:
+    """The float network with the fine-tuned weights (for the float export next to the int8 files)."""
+    from train.models import create_model
+
+    model = create_model(name, num_classes=num_classes)
+    model.load_state_dict(net.float_state_dict(), strict=True)
+    return model.eval()
+
+
+def export_int8(net: FakeQuantNetwork, float_net: nn.Module, export_dir: Path, batches: Iterable, *, img_size: int,
+                mean: Sequence[float], std: Sequence[float], num_classes: int,
+                min_agreement: Mapping[str, float]):
+    """model_int8.pte / model_int8.onnx into `export_dir` (beside the float export) and their measurements merged
+    into its metrics.json; returns the `Int8Report`."""
+    import shutil
+    import tempfile
+
+    from train.quant.deploy import ONNX_FILE, PTE_FILE, deploy
+
+    export_dir = Path(export_dir)
+    with tempfile.TemporaryDirectory(dir=export_dir.parent, prefix=".int8-") as stage:
+        stage = Path(stage)
+        if (export_dir / "model.onnx").is_file():
+            shutil.copy2(export_dir / "model.onnx", stage / "model.onnx")  # the float file, for its latency
+        report = deploy(net.cpu(), float_net.cpu(), stage, batches, img_size=img_size, mean=mean, std=std,
+                        num_classes=num_classes, min_agreement=min_agreement)
+        metrics_file = export_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        metrics.update(report.metrics, int8_failures=report.failures)
+        for name in (PTE_FILE, ONNX_FILE):
+            (stage / name).replace(export_dir / name)
+        tmp = export_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.replace(metrics_file)
+    log.info("int8: float %.2f, fake-quant %.2f, int8 PyTorch %.2f, ExecuTorch %.2f (agreement %.1f%%), onnxruntime "
+             "%.2f (agreement %.1f%%) top-1 on %d images", report.metrics["float_top1"],
+             report.metrics["fakequant_top1"], report.metrics["int8_torch_top1"], report.metrics["int8_pte_top1"],
+             report.metrics["int8_pte_agreement"], report.metrics["int8_onnx_top1"],
+             report.metrics["int8_onnx_agreement"], report.metrics["val_images"])
+    return report
