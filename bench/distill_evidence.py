@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-class", type=int, default=0, help="D3 images per class; 0: the extra split's mean")
+    p.add_argument("--max-replicas", type=int, default=0,
+                   help="cap each source's built replicas (0: one per pass, nothing shown twice); a cap below the "
+                        "passes shows each built view more than once, for a cheaper build")
     p.add_argument("--stage", choices=("teacher", "all"), default="all")
     args = p.parse_args(argv)
     if not (args.src / "train").is_dir():
@@ -164,10 +167,11 @@ def main(argv: list[str] | None = None) -> None:
                  run("online KD", [*student, *kd_common, "kd=logit", *common(args, d)], d, log)))
 
     # Offline D1 only: each pass over the labelled images shows another built replica.
-    sets_d1 = cache / "sets" / "d1"
-    d1 = [*kd_common, f"kd.sets={sets_d1}", "kd.sources.d2.weight=0", f"kd.sources.d1.replicas={args.epochs}"]
+    cap = (lambda n: min(n, args.max_replicas)) if args.max_replicas else (lambda n: n)
+    sets_d1 = cache / "sets" / f"d1-r{cap(args.epochs)}"
+    d1 = [*kd_common, f"kd.sets={sets_d1}", "kd.sources.d2.weight=0", f"kd.sources.d1.replicas={cap(args.epochs)}"]
     build_sets([*student, *d1, *common(args, cache / "runs" / "build")], log)
-    d = cache / "runs" / "offline_d1"
+    d = cache / "runs" / f"offline_d1-r{cap(args.epochs)}"
     rows.append(("offline D1", args.student, f"labelled {labelled_n}", run("offline D1", [*student, *d1,
                                                                                           *common(args, d)], d, log)))
 
@@ -175,12 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     per_class = args.per_class or max(1, extra_n // read_info(roots["extra"]).num_classes)
     passes_labelled = -(-seen // 4 // labelled_n)
     passes_extra = -(-seen // 2 // (per_class * read_info(roots["extra"]).num_classes))
-    sets_all = cache / "sets" / "d123"
+    sets_all = cache / "sets" / f"d123-r{cap(passes_labelled)}-{cap(passes_extra)}-pc{per_class}"
     d123 = [*kd_common, f"kd.sets={sets_all}", f"kd.extra_root={roots['extra']}",
-            f"kd.sources.d1.replicas={passes_labelled}", f"kd.sources.d2.replicas={passes_labelled}",
-            f"kd.sources.d3.replicas={passes_extra}", f"kd.sources.d3.per_class={per_class}"]
+            f"kd.sources.d1.replicas={cap(passes_labelled)}", f"kd.sources.d2.replicas={cap(passes_labelled)}",
+            f"kd.sources.d3.replicas={cap(passes_extra)}", f"kd.sources.d3.per_class={per_class}"]
     build_sets([*student, *d123, *common(args, cache / "runs" / "build")], log)
-    d = cache / "runs" / "offline_d123"
+    d = cache / "runs" / f"offline_d123-r{cap(passes_labelled)}-{cap(passes_extra)}"
     rows.append(("offline D1+D2+D3 (1:1:2)", args.student, f"labelled {labelled_n} + extra {extra_n}",
                  run("offline D1+D2+D3", [*student, *d123, *common(args, d)], d, log)))
     _report(args, cache, rows, log, seen=seen)

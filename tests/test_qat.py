@@ -148,3 +148,43 @@ def test_qat_run_fine_tunes_from_init_from_and_ships_int8_measured_in_each_runti
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert any(k.startswith("model.graph.") and k.endswith(".scale") for k in ckpt["state_dict"])
     assert ckpt["state_dict"]["model._extra_state"] == {"bn_frozen": True, "observers_frozen": True}
+
+
+@pytest.mark.slow
+def test_train_export_ships_int8_from_a_qat_checkpoint_and_fails_loudly_below_the_agreement_threshold(
+        tmp_path, shapes, float_export, capsys):
+    from train.export import main
+    from train.run import train
+
+    run_dir = tmp_path / "qat"
+    train(compose_run("qat=true", f"init_from={float_export}", f"data.root={shapes}", "trainer.max_epochs=1",
+                      "export=false", f"run_dir={run_dir}"))
+    # The same checkpoint with an agreement threshold no runtime can reach: the export is written, and says so.
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["run_config"]["quant"]["min_agreement"]["pte"] = 101.0
+    strict = tmp_path / "strict.ckpt"
+    torch.save(ckpt, strict)
+    assert main([str(strict), "--out", str(tmp_path / "out"), "--num-workers", "1", "--batch-size", "25"]) == 3
+    err = capsys.readouterr().err
+    assert "is below quant.min_agreement.pte=101.0%" in err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (tmp_path / "out" / "model_int8.pte").is_file() and len(metrics["int8_failures"]) == 1
+
+
+@pytest.mark.slow
+def test_post_training_quantization_of_a_float_checkpoint_exports_and_measures_int8(tmp_path, float_export):
+    from train.export import main
+
+    # The float model is trained only so far (about 40 % top-1): small logit margins, so the thresholds here are
+    # ExecuTorch 70 %, onnxruntime 65 % top-1 agreement with the PyTorch int8 model (set in a copy's run config).
+    ckpt = torch.load(float_export.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["run_config"]["quant"]["min_agreement"] = {"pte": 70.0, "onnx": 65.0}
+    path = tmp_path / "float.ckpt"
+    torch.save(ckpt, path)
+    assert main([str(path), "--ptq", "--calib-batches", "4", "--out", str(tmp_path / "ptq"), "--num-workers", "1",
+                 "--batch-size", "25", "--data-root", str(ckpt["dataset"]["root"])]) == 0
+    metrics = json.loads((tmp_path / "ptq" / "metrics.json").read_text())
+    assert metrics["int8_failures"] == [] and metrics["int8_pte_agreement"] >= 70.0
+    assert abs(metrics["float_top1"] - json.loads((float_export / "metrics.json").read_text())["top1"]) < 1e-6
+    with pytest.raises(SystemExit):
+        main([str(path), "--calib-batches", "x"])

@@ -45,6 +45,77 @@ def export_checkpoint(
                         val_batches=loader, device=device)
 
 
+def export_quantized(
+    ckpt_path: str | os.PathLike,
+    *,
+    ptq: bool,
+    calib_batches: int = 32,
+    out_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    batch_size: int = 128,
+    num_workers: int = 4,
+):
+    """The float export plus model_int8.pte / model_int8.onnx measured in their runtimes: from a QAT checkpoint
+    (its fake-quant network), or with `ptq` from a float one (calibrated on `calib_batches` training batches with the
+    eval preprocessing). Returns (ExportReport, Int8Report)."""
+    from train.quant.recipe import PTQNetwork, export_int8, float_model
+
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    run_config = ckpt["run_config"]
+    name, label_names = run_config["model"]["name"], list(ckpt["dataset"]["label_names"])
+    data_config, img_size = ckpt["data_config"], int(ckpt["data_config"]["input_size"][-1])
+    quant = run_config.get("quant") or _default_quant()
+    state = network_state(ckpt["state_dict"])
+    if run_config.get("qat"):
+        if ptq:
+            raise ExportError(f"{ckpt_path} is a QAT checkpoint: it exports to int8 without --ptq")
+        net = _qat_network(name, len(label_names), img_size, quant, state)
+        model = float_model(net, name, len(label_names))
+    else:
+        if not ptq:
+            raise ExportError(f"{ckpt_path} is a float checkpoint: pass --ptq for post-training int8 exports")
+        model = build_network(name, len(label_names), state)
+        net = None
+    root = resolve_data_root(data_root, ckpt)
+    _check_labels(root, label_names)
+    loader = build_val_loader(root, data_config, batch_size=batch_size, num_workers=num_workers)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
+    report = export_model(model, out, architecture=name, label_names=label_names, data_config=data_config,
+                          val_batches=loader)
+    if net is None:
+        net = PTQNetwork(build_network(name, len(label_names), state), img_size=img_size, quant=quant)
+        net.calibrate(build_val_loader(root, data_config, batch_size=batch_size, num_workers=num_workers,
+                                       split="train"),
+                      mean=data_config["mean"], std=data_config["std"], limit=calib_batches)
+    int8 = export_int8(net, model, out, loader, img_size=img_size, mean=data_config["mean"], std=data_config["std"],
+                       num_classes=len(label_names), min_agreement=quant["min_agreement"])
+    return report, int8
+
+
+def _default_quant() -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "quant" / "xnnpack.yaml"
+    return OmegaConf.to_container(OmegaConf.load(conf), resolve=True)
+
+
+def _qat_network(name: str, num_classes: int, img_size: int, quant: Mapping[str, Any],
+                 state: Mapping[str, torch.Tensor]):
+    from train.models import create_model
+    from train.quant.backend import quantizer
+    from train.quant.network import FakeQuantNetwork
+
+    q = quantizer(str(quant["backend"]), weight_bits=int(quant["weight_bits"]), qat=True)
+    net = FakeQuantNetwork(create_model(name, num_classes=num_classes), img_size=img_size, quantizer=q)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"the QAT checkpoint does not fit a fresh {name} fake-quant network: {str(e)[:400]}") \
+            from None
+    return net.eval()
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint as plain data (never unpickling code), with the keys the export needs."""
     if not path.is_file():
@@ -140,13 +211,15 @@ def _check_labels(root: Path, label_names: Sequence[str]) -> None:
                           f"first difference at index {first}: pass the --data-root the model was trained with")
 
 
-def build_val_loader(root: Path, data_config: Mapping[str, Any], *, batch_size: int, num_workers: int) -> Iterable:
+def build_val_loader(root: Path, data_config: Mapping[str, Any], *, batch_size: int, num_workers: int,
+                     split: str = "val") -> Iterable:
+    """The eval preprocessing over a split (val; train for PTQ calibration)."""
     from data_pipes.image.augment import build_eval_transform
     from data_pipes.stream.datamodule import build_eval_loader
 
     transform = build_eval_transform(data_config["input_size"][-1], crop_pct=data_config["crop_pct"],
                                      interpolation=data_config["interpolation"])
-    return build_eval_loader(root, transform, batch_size=batch_size, num_workers=num_workers, split="val")
+    return build_eval_loader(root, transform, batch_size=batch_size, num_workers=num_workers, split=split)
 
 
 def default_out_dir(ckpt_path: Path) -> Path:
@@ -165,6 +238,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the evaluation runs (the ONNX check always runs on CPU)")
+    parser.add_argument("--ptq", action="store_true",
+                        help="also post-training int8 exports (model_int8.pte, model_int8.onnx) of a float checkpoint")
+    parser.add_argument("--calib-batches", type=int, default=32, help="PTQ: training batches to calibrate on")
     return parser.parse_args(argv)
 
 
@@ -173,14 +249,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from train.quant.backend import QuantError
+
+    int8 = None
     try:
-        report = export_checkpoint(args.ckpt, out_dir=args.out, data_root=args.data_root, batch_size=args.batch_size,
-                                   num_workers=args.num_workers, device=args.device)
-    except (ExportError, DatasetError) as e:
+        qat = bool(load_checkpoint(args.ckpt)["run_config"].get("qat"))
+        if args.ptq or qat:
+            report, int8 = export_quantized(args.ckpt, ptq=args.ptq, calib_batches=args.calib_batches,
+                                            out_dir=args.out, data_root=args.data_root, batch_size=args.batch_size,
+                                            num_workers=args.num_workers)
+        else:
+            report = export_checkpoint(args.ckpt, out_dir=args.out, data_root=args.data_root,
+                                       batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
+    except (ExportError, DatasetError, QuantError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = report.metrics
     print(f"exported {m['architecture']} to {report.out_dir}: top1 {m['top1']:.2f}% top5 {m['top5']:.2f}% on "
           f"{m['val_images']} val images; ONNX max |logit difference| {m['onnx_max_abs_diff']:.3g} "
           f"(bound {report.onnx_bound:.3g})")
+    if int8 is not None:
+        m = int8.metrics
+        print(f"int8: ExecuTorch top1 {m['int8_pte_top1']:.2f}% (agreement {m['int8_pte_agreement']:.1f}%), "
+              f"onnxruntime top1 {m['int8_onnx_top1']:.2f}% (agreement {m['int8_onnx_agreement']:.1f}%), "
+              f"float {m['float_top1']:.2f}%")
+        for failure in int8.failures:
+            print(f"error: int8 export: {failure}", file=sys.stderr)
+        if int8.failures:
+            return 3
     return 0

@@ -24,19 +24,20 @@ import torch
 from torch import Tensor, nn
 
 from train.quant.backend import QuantError, require
-from train.quant.network import FakeQuantNetwork, drop_batch_counters
+from train.quant.network import drop_batch_counters
 
 log = logging.getLogger(__name__)
 PTE_FILE, ONNX_FILE = "model_int8.pte", "model_int8.onnx"
 ONNX_MAX_BATCH = 1024
 
 
-def convert(net: FakeQuantNetwork) -> torch.fx.GraphModule:
-    """The int8 PyTorch model (quantize/dequantize around int8 weights) of a fake-quant network; `net` is untouched."""
+def convert(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The int8 PyTorch model (quantize/dequantize around int8 weights) of a prepared graph (QAT or calibrated
+    PTQ); `graph` is untouched."""
     pt2e = require("torchao.quantization.pt2e")
     quantize = require("torchao.quantization.pt2e.quantize_pt2e")
     # Training may have made the weights channels_last; the lowering passes expect the layout they were traced in.
-    prepared = copy.deepcopy(net.graph).to(memory_format=torch.contiguous_format)
+    prepared = copy.deepcopy(graph).to(memory_format=torch.contiguous_format)
     prepared.apply(pt2e.disable_observer)
     converted = quantize.convert_pt2e(prepared)
     pt2e.move_exported_model_to_eval(converted)
@@ -181,17 +182,18 @@ def measure(models: Mapping[str, Callable[[Tensor], Tensor]], reference: str, ba
             for name, s in stats.items()}
 
 
-def deploy(net: FakeQuantNetwork, float_model: nn.Module, out_dir: Path, batches: Iterable, *, img_size: int,
-           mean: Sequence[float], std: Sequence[float], num_classes: int,
+def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module, float_model: nn.Module, out_dir: Path,
+           batches: Iterable, *, img_size: int, mean: Sequence[float], std: Sequence[float], num_classes: int,
            min_agreement: Mapping[str, float]) -> Int8Report:
-    """Convert, write both int8 files into `out_dir`, and measure float, fake-quant, int8 PyTorch and each runtime."""
+    """Convert the prepared `graph`, write both int8 files into `out_dir`, and measure the float model, the
+    fake-quant one (`fake_quant`: the QAT network, or the calibrated PTQ graph), int8 PyTorch and each runtime."""
     out_dir = Path(out_dir)
-    converted = convert(net)
+    converted = convert(graph)
     pte, onnx_path = out_dir / PTE_FILE, out_dir / ONNX_FILE
     dynamic = write_pte(converted, pte, img_size)
     write_onnx(converted, onnx_path, img_size)
     runners = {"pte": PteRunner(pte, dynamic, img_size), "onnx": OnnxRunner(onnx_path)}
-    fake = copy.deepcopy(net).eval()
+    fake = copy.deepcopy(fake_quant).eval()
     float_model = float_model.eval()
     results = measure({"float": float_model, "fakequant": fake, "int8_torch": converted, **runners}, "int8_torch",
                       batches, mean=mean, std=std, num_classes=num_classes)

@@ -103,8 +103,8 @@ def float_model(net: FakeQuantNetwork, name: str, num_classes: int) -> nn.Module
     return model.eval()
 
 
-def export_int8(net: FakeQuantNetwork, float_net: nn.Module, export_dir: Path, batches: Iterable, *, img_size: int,
-                mean: Sequence[float], std: Sequence[float], num_classes: int,
+def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export_dir: Path, batches: Iterable, *,
+                img_size: int, mean: Sequence[float], std: Sequence[float], num_classes: int,
                 min_agreement: Mapping[str, float]):
     """model_int8.pte / model_int8.onnx into `export_dir` (beside the float export) and their measurements merged
     into its metrics.json; returns the `Int8Report`."""
@@ -118,7 +118,8 @@ def export_int8(net: FakeQuantNetwork, float_net: nn.Module, export_dir: Path, b
         stage = Path(stage)
         if (export_dir / "model.onnx").is_file():
             shutil.copy2(export_dir / "model.onnx", stage / "model.onnx")  # the float file, for its latency
-        report = deploy(net.cpu(), float_net.cpu(), stage, batches, img_size=img_size, mean=mean, std=std,
+        net = net.cpu()
+        report = deploy(net.graph, net, float_net.cpu(), stage, batches, img_size=img_size, mean=mean, std=std,
                         num_classes=num_classes, min_agreement=min_agreement)
         metrics_file = export_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
@@ -134,3 +135,48 @@ def export_int8(net: FakeQuantNetwork, float_net: nn.Module, export_dir: Path, b
              report.metrics["int8_pte_agreement"], report.metrics["int8_onnx_top1"],
              report.metrics["int8_onnx_agreement"], report.metrics["val_images"])
     return report
+
+
+class PTQNetwork(nn.Module):
+    """Post-training quantization: the float network exported in eval mode, observers inserted
+    (`prepare_pt2e`), calibrated on training images with the eval preprocessing, then observers off."""
+
+    def __init__(self, model: nn.Module, *, img_size: int, quant: Mapping[str, Any]) -> None:
+        super().__init__()
+        from train.quant.backend import require
+        from train.quant.network import _export
+
+        quantize = require("torchao.quantization.pt2e.quantize_pt2e")
+        q = quantizer(str(quant["backend"]), weight_bits=int(quant["weight_bits"]), qat=False)
+        import torch
+
+        self.graph = quantize.prepare_pt2e(_export(model.eval(), torch.randn(2, 3, img_size, img_size)), q)
+
+    def calibrate(self, batches: Iterable, *, mean: Sequence[float], std: Sequence[float], limit: int) -> int:
+        """Run up to `limit` batches through the observers; returns the images seen."""
+        import torch
+
+        from train.export.artifacts import normalize
+
+        seen = 0
+        with torch.inference_mode():
+            for n, batch in enumerate(batches):
+                if n >= limit:
+                    break
+                valid = batch["valid"].to(torch.bool)
+                self.graph(normalize(batch["image"][valid], mean, std))
+                seen += int(valid.sum())
+        if seen == 0:
+            raise QuantError("PTQ calibration saw no image: check the train split of the data root")
+        from train.quant.backend import require
+
+        self.graph.apply(require("torchao.quantization.pt2e").disable_observer)
+        log.info("ptq: calibrated on %d training images (%d batches)", seen, min(limit, n + 1))
+        return seen
+
+    def forward(self, x):
+        return self.graph(x)
+
+    def train(self, mode: bool = True) -> PTQNetwork:
+        self.training = mode  # the graph was exported in eval mode and stays so: PTQ never trains
+        return self
