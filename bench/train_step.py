@@ -143,13 +143,12 @@ def build_plain(cfg, device: torch.device):
     import lightning as L
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3
 
     import train.run as run
     from data_pipes.shards.metadata import read_info
     from train.models import create_model
-    from train.optim import scheduler_factory
+    from train.optim import optimizer_factory, scheduler_factory
 
     if cfg.trainer.accumulate_grad_batches != 1:
         raise SystemExit("the plain loop has no gradient accumulation: keep trainer.accumulate_grad_batches=1")
@@ -161,7 +160,9 @@ def build_plain(cfg, device: torch.device):
     datamodule = run._build_datamodule(cfg, data_config)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).train()
-    optimizer = create_optimizer_v2(model, filter_bias_and_bn=True, **_plain(cfg.optim))
+    # timm's create_optimizer_v2 through the pipeline's factory, for the same lr rule (one device: the global batch
+    # is the batch).
+    optimizer = optimizer_factory(**_plain(cfg.optim), global_batch=lambda: int(cfg.data.batch_size))(model)
     scheduler = scheduler_factory(num_epochs=cfg.trainer.max_epochs, **_plain(cfg.sched))(
         optimizer, datamodule.steps_per_epoch(1))
     mix = _plain(cfg.aug.mixup)
