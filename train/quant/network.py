@@ -34,7 +34,7 @@ class FakeQuantNetwork(nn.Module):
         quantize = require("torchao.quantization.pt2e.quantize_pt2e")
         self.float_keys = tuple(model.state_dict())
         example = torch.randn(example_batch, 3, img_size, img_size)
-        graph = _export(model.train(), example)
+        graph = export_graph(model.train(), example)
         self.graph = quantize.prepare_qat_pt2e(graph, quantizer)
         # In graph order: torchao's train/eval helpers rewrite these nodes (new names, p reset to 0.5).
         self._dropout_p = [float(n.args[1]) for n in self._nodes("dropout")]
@@ -116,7 +116,7 @@ def drop_batch_counters(graph: torch.fx.GraphModule) -> None:
     graph.recompile()
 
 
-def _export(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
+def export_graph(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
     from torch.export import Dim
 
     try:

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch import nn
 
-from train.quant.backend import QuantError, quantizer
-from train.quant.network import FakeQuantNetwork
+from train.quant.backend import QuantError, quantizer, require
+from train.quant.network import FakeQuantNetwork, export_graph
 
 log = logging.getLogger(__name__)
 
@@ -143,35 +144,26 @@ class PTQNetwork(nn.Module):
 
     def __init__(self, model: nn.Module, *, img_size: int, quant: Mapping[str, Any]) -> None:
         super().__init__()
-        from train.quant.backend import require
-        from train.quant.network import _export
-
         quantize = require("torchao.quantization.pt2e.quantize_pt2e")
         q = quantizer(str(quant["backend"]), weight_bits=int(quant["weight_bits"]), qat=False)
-        import torch
-
-        self.graph = quantize.prepare_pt2e(_export(model.eval(), torch.randn(2, 3, img_size, img_size)), q)
+        self.graph = quantize.prepare_pt2e(export_graph(model.eval(), torch.randn(2, 3, img_size, img_size)), q)
 
     def calibrate(self, batches: Iterable, *, mean: Sequence[float], std: Sequence[float], limit: int) -> int:
         """Run up to `limit` batches through the observers; returns the images seen."""
-        import torch
+        from itertools import islice
 
         from train.export.artifacts import normalize
 
-        seen = 0
+        seen = used = 0
         with torch.inference_mode():
-            for n, batch in enumerate(batches):
-                if n >= limit:
-                    break
+            for batch in islice(batches, limit):
                 valid = batch["valid"].to(torch.bool)
                 self.graph(normalize(batch["image"][valid], mean, std))
-                seen += int(valid.sum())
+                seen, used = seen + int(valid.sum()), used + 1
         if seen == 0:
             raise QuantError("PTQ calibration saw no image: check the train split of the data root")
-        from train.quant.backend import require
-
         self.graph.apply(require("torchao.quantization.pt2e").disable_observer)
-        log.info("ptq: calibrated on %d training images (%d batches)", seen, min(limit, n + 1))
+        log.info("ptq: calibrated on %d training images (%d batches)", seen, used)
         return seen
 
     def forward(self, x):
