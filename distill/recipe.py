@@ -114,6 +114,10 @@ def build_distillation(cfg: DictConfig, info: DatasetInfo, data_config: dict[str
                        datamodule_args: dict[str, Any]) -> Distillation:
     """Everything `distill=true` adds to a run. `datamodule_args` are the labels-only datamodule's arguments."""
     kd = plain(cfg.kd)
+    if kd["teacher"] is None and cfg.qat and cfg.init_from:
+        # qat=true distill=true: the float model QAT starts from is the natural teacher of its fake-quant copy.
+        kd["teacher"] = str(cfg.init_from)
+        log.info("kd.teacher: the float model of init_from=%s", cfg.init_from)
     if kd["method"] not in METHODS:
         raise KDSetError(f"kd.method must be one of {METHODS}, got {kd['method']!r}")
     teacher = build_teacher(kd, info)

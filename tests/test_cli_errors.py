@@ -61,6 +61,30 @@ def test_qat_without_a_float_model_or_with_another_architecture_says_what_init_f
                          "holds mobilenetv3_small_075, but this run's model is mobilenetv3_small_100")
     assert_clean_failure(run_train("qat=true", f"data.root={synthetic_shards}", f"init_from={tmp_path}/nothing",
                                    cwd=tmp_path), "does not exist")
+    # The same model on data of other classes: QAT needs the float model's own classes.
+    from data_pipes.shards.make import make_shards
+    from data_pipes.shards.synthetic import make_image_folder
+
+    images = make_image_folder(tmp_path / "four", num_classes=4, train_per_class=4, val_per_class=2, size=32)
+    make_shards(images, tmp_path / "four-shards", samples_per_shard=64, workers=1, progress=False)
+    assert_clean_failure(run_train("qat=true", f"data.root={tmp_path / 'four-shards'}", f"init_from={trained_teacher}",
+                                   cwd=tmp_path), "was trained on 10 classes", "this data has 4")
+
+
+def test_a_float_run_never_imports_the_int8_runtimes(tmp_path, synthetic_shards):
+    # A whole `python -m train` (train, validate, export with its onnxruntime check) without qat=true: torchao and
+    # ExecuTorch (the int8 extra) are never imported, so a user without them loses nothing.
+    code = ("import atexit, runpy, sys\n"
+            "atexit.register(lambda: print('INT8 MODULES', sorted({m.split('.')[0] for m in sys.modules} "
+            "& {'torchao', 'executorch'})))\n"
+            f"sys.argv = ['train', 'hydra.run.dir={tmp_path}/run', 'experiment=demo', 'data.root={synthetic_shards}',"
+            " 'trainer.max_epochs=1', 'data.num_workers=0', 'callbacks.progress_bar=false']\n"
+            "runpy.run_module('train', run_name='__main__', alter_sys=True)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, WANDB_MODE="disabled"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "run" / "export" / "model.onnx").is_file()
+    assert "INT8 MODULES []" in result.stdout, result.stdout[-2000:]
 
 
 def test_distill_without_a_teacher_or_with_a_missing_one_says_what_a_teacher_is(tmp_path, synthetic_shards):

@@ -357,7 +357,7 @@ def test_two_ranks_distil_on_equal_batch_counts_disjoint_samples_and_exact_sourc
     overrides = kd_overrides(synthetic_shards, teacher, built, "distill=true", f"run_dir={run_dir}",
                              "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=8", "data.num_workers=1",
                              "trainer.max_epochs=1", "kd.sources.d2.weight=3")
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "distill_ddp_run.py"), str(out),
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "ddp_train_run.py"), str(out),
                            *overrides], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

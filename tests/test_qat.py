@@ -79,16 +79,150 @@ def test_a_checkpointed_fake_quant_network_loads_into_a_new_one_exactly():
     net.eval(), other.eval()
     x = torch.randn(3, 3, 32, 32)
     assert torch.equal(net(x), other(x))
+    other.train()
+    before = tensors(other)
+    other(torch.randn(8, 3, 32, 32))  # training again: the loaded BN freeze holds in the graph too
+    assert not changed(before, other, "running_") and changed(before, other, "scale")
+
+
+def test_a_missing_int8_package_names_the_extra_to_install(monkeypatch):
+    import importlib
+
+    from train.quant.backend import QuantError, quantizer
+
+    real = importlib.import_module
+
+    def without_executorch(name, *args):
+        if name.startswith("executorch"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_executorch)
+    with pytest.raises(QuantError, match=r"needs executorch .*pip install 'mobilenet-train\[int8\]'"):
+        quantizer("xnnpack", weight_bits=8, qat=True)
+
+
+def test_pattern_graphs_are_exported_once_and_handed_out_as_copies():
+    import torchao.quantization.pt2e.utils as pt2e_utils
+    from torchao.quantization.pt2e.export_utils import WrapperModule
+
+    from train.quant import patterns
+
+    fake_quant()  # prepares a graph: the exporter is memoized from then on
+    export = pt2e_utils._get_aten_graph_module_for_pattern
+    assert getattr(export, "_memoized", False)
+
+    def conv(x, weight):
+        return torch.nn.functional.conv2d(x, weight)
+
+    pattern = WrapperModule(conv)  # as torchao and ExecuTorch hand patterns to the exporter
+
+    inputs = (torch.randn(1, 3, 4, 4), torch.randn(2, 3, 1, 1))
+    first, second = export(pattern, inputs), export(pattern, (torch.zeros(1, 3, 4, 4), torch.ones(2, 3, 1, 1)))
+    assert first is not second and first.code == second.code  # same shapes: one export, two independent copies
+    other = export(pattern, (torch.randn(1, 3, 8, 8), torch.randn(2, 3, 1, 1)))  # another shape: its own entry
+    keys = [patterns._pattern_key(pattern, i, False, {}) for i in (inputs, (torch.randn(1, 3, 8, 8), inputs[1]))]
+    assert keys[0] != keys[1] and all(k in patterns._cache for k in keys) and other is not first
+
+
+def test_unsupported_backend_or_weight_range_is_refused():
+    from train.quant.backend import QuantError, quantizer
+
+    with pytest.raises(QuantError, match="only xnnpack"):
+        quantizer("qnnpack", weight_bits=8, qat=True)
+    with pytest.raises(QuantError, match="must be 8 or 7"):
+        quantizer("xnnpack", weight_bits=4, qat=True)
+
+
+# One model per family, each the smallest of its family; MNv4-Hybrid's attention is what XNNPACK's quantizer
+# leaves in float. V3 (mnv3_s_075) is the model of the pipeline runs below (qat_run), which go through the same steps.
+FAMILIES = {"v1": "mt_mobilenetv1_025", "v2": "mobilenetv2_035", "v4_conv": "mobilenetv4_conv_small",
+            "v4_hybrid": "mobilenetv4_hybrid_medium"}
+
+
+@pytest.fixture(scope="module")
+def real_batch(shapes):
+    """The 50 val images of the shapes data at 32 px, through the eval preprocessing, normalised as the module
+    does."""
+    from data_pipes.image.augment import build_eval_transform
+    from data_pipes.stream.datamodule import build_eval_loader
+    from train.export.artifacts import normalize
+
+    loader = build_eval_loader(str(shapes), build_eval_transform(32, crop_pct=0.875, interpolation="bilinear"),
+                               batch_size=50, num_workers=0)
+    batch = next(iter(loader))
+    return normalize(batch["image"], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), batch["target"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_fine_tunes_with_fake_quant_converts_and_runs_int8_in_both_runtimes(family, real_batch,
+                                                                                        tmp_path):
+    from train.models import create_model
+    from train.quant.backend import quantizer
+    from train.quant.deploy import OnnxRunner, PteRunner, convert, kept_float, write_onnx, write_pte
+    from train.quant.network import FakeQuantNetwork
+
+    x, y = real_batch
+    torch.manual_seed(0)
+    model = create_model(FAMILIES[family], num_classes=10, drop_rate=0.0)
+    # Fit the float model to this batch first: agreement between int8 kernels means something only on confident
+    # logits (an untrained network's are near-uniform, and any rounding flips its argmax).
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(40):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        opt.step()
+    # BN running statistics set to this batch's exactly (a cumulative average over one repeated batch), so the
+    # model is as confident in eval, which int8 folds into the convolutions, as it is in training.
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    with torch.no_grad():
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net = FakeQuantNetwork(model, img_size=32, quantizer=quantizer("xnnpack", weight_bits=8, qat=True))
+    opt = torch.optim.AdamW(net.parameters(), lr=5e-4)
+    for _ in range(20):  # QAT steps: weights, BN statistics and observers adapt to int8 together
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net.train()(x), y).backward()
+        opt.step()
+    net.eval()
+    converted = convert(net.graph)
+    pte = write_pte(converted, tmp_path / "model_int8.pte", 32)
+    write_onnx(converted, tmp_path / "model_int8.onnx", 32)
+    with torch.inference_mode():
+        ref = converted(x).argmax(1)
+        pte_out = PteRunner(tmp_path / "model_int8.pte", pte.dynamic, 32)(x).argmax(1)
+        onnx_out = OnnxRunner(tmp_path / "model_int8.onnx")(x).argmax(1)
+    agree = {name: 100.0 * float((out == ref).float().mean()) for name, out in (("pte", pte_out), ("onnx", onnx_out))}
+    # Thresholds, top-1 agreement with the converted PyTorch int8 model on these 50 images: ExecuTorch 84 %,
+    # onnxruntime 80 % (its x86 kernels without VNNI drift with 8-bit weights, recipes.md §9). Measured here: 86-100 %
+    # (V2-0.35 at 32 px is the lowest); on models trained for real, 94-99.8 % (recipes.md §9).
+    assert agree["pte"] >= 84 and agree["onnx"] >= 80, agree
+    assert (ref == y).float().mean() >= 0.8  # QAT kept the int8 model on the batch (measured 88-100 %)
+    assert pte.dynamic
+    floats = kept_float(converted)
+    if family == "v4_hybrid":  # attention stays float, and the report says so
+        assert floats.get("scaled_dot_product_attention", 0) > 0, floats
+    else:
+        assert not {op for op in floats if op in ("conv2d", "linear")}, floats
+
+
+def compose_overrides(*overrides: str) -> list[str]:
+    return ["model=mnv3_s_075", "data.img_size=64", "data.batch_size=25", "data.num_workers=1",
+            "trainer.accelerator=cpu", "trainer.devices=1", "callbacks.progress_bar=false",
+            "logger.wandb.enabled=false", *overrides]
 
 
 def compose_run(*overrides: str):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[
-            "model=mnv3_s_075", "data.img_size=64", "data.batch_size=25", "data.num_workers=1",
-            "trainer.accelerator=cpu", "trainer.devices=1", "callbacks.progress_bar=false",
-            "logger.wandb.enabled=false", *overrides])
+        return compose(config_name="train", overrides=compose_overrides(*overrides))
 
 
 @pytest.fixture(scope="module")
@@ -117,17 +251,52 @@ def float_export(tmp_path_factory, shapes) -> Path:
     return run_dir / "export"
 
 
-@pytest.mark.slow
-def test_qat_run_fine_tunes_from_init_from_and_ships_int8_measured_in_each_runtime(tmp_path, shapes, float_export):
-    from train.run import train
+def qat_overrides(shapes: Path, float_export: Path, run_dir: Path, *extra: str) -> list[str]:
+    # Both freezes at epoch 1 of 2; EMA on; a checkpoint every step (for the resume test); no dropout (RNG state is
+    # not checkpointed yet, issue 9).
+    return ["qat=true", f"init_from={float_export}", f"data.root={shapes}", "trainer.max_epochs=2",
+            "quant.freeze_bn_epoch=1", "quant.freeze_observer_epoch=1", "ema.decay=0.9", "model.drop_rate=0.0",
+            "callbacks.checkpoint.every_n_train_steps=1", f"run_dir={run_dir}", *extra]
 
-    run_dir = tmp_path / "qat"
-    # This model is trained only so far (about 40 % top-1 on 10 shapes), so its logits have small margins and top-1
-    # agreement between integer kernels and the PyTorch reference is lower than on a well trained model: the test's
-    # thresholds are ExecuTorch 80 %, onnxruntime 70 % (the defaults, for trained models: 90 % and 75 %).
-    metrics = train(compose_run("qat=true", f"init_from={float_export}", f"data.root={shapes}",
-                                "trainer.max_epochs=2", "quant.freeze_bn_epoch=1", "quant.freeze_observer_epoch=1",
-                                "quant.min_agreement.pte=80", "quant.min_agreement.onnx=70", f"run_dir={run_dir}"))
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory, shapes, float_export):
+    """A 2-rank DDP (gloo) QAT run of the pipeline from float_export, with EMA, exported to int8 and measured, as
+    a user launches it (Lightning re-executes the script for rank 1). Returns its run dir and each rank's record."""
+    import os
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("qat")
+    run_dir, out = tmp / "run", tmp / "ranks"
+    # The float model is trained only so far (about 40 % top-1 on 10 shapes): small logit margins, so top-1
+    # agreement between integer kernels and the PyTorch reference is lower than on a well trained model. The
+    # thresholds here: ExecuTorch 80 %, onnxruntime 70 % (the defaults, for trained models: 90 % and 75 %).
+    overrides = compose_overrides(*qat_overrides(shapes, float_export, run_dir, "quant.min_agreement.pte=80",
+                                                 "quant.min_agreement.onnx=70", "trainer.devices=2",
+                                                 "trainer.strategy=ddp"))
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "ddp_train_run.py"), str(out),
+                           *overrides], cwd=REPO, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return run_dir, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_rank_ddp_qat_run_trains_both_ranks_alike_and_ships_int8_measured_in_each_runtime(qat_run, float_export):
+    run_dir, ranks = qat_run
+    # Each rank read its own half of the data; DDP averaged the gradients and broadcast rank 0's buffers (BN
+    # statistics, observer ranges, frozen flags): both ranks end with the same weights and scales.
+    assert [r["world_size"] for r in ranks] == [2, 2] and [len(r["batches"]) for r in ranks] == [24, 24]
+    for epoch in (0, 1):  # within an epoch, the ranks read disjoint samples
+        seen = [{k for b in r["batches"] if b["epoch"] == epoch for k in b["keys"]} for r in ranks]
+        assert seen[0] and not seen[0] & seen[1]
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys() and any(k.endswith(".scale") for k in a)
+    assert all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])) for k in a), [k for k in a if a[k] != b[k]][:5]
+    assert a["frozen_bn"] == a["frozen_observers"] == 1.0
+
     export = run_dir / "export"
     for name in ("model.safetensors", "model.onnx", "model_int8.pte", "model_int8.onnx"):
         assert (export / name).is_file(), name
@@ -139,28 +308,55 @@ def test_qat_run_fine_tunes_from_init_from_and_ships_int8_measured_in_each_runti
     # within 3 of the 50 val images.
     assert shipped["int8_failures"] == [], shipped["int8_failures"]
     assert shipped["int8_pte_agreement"] >= 80.0 and shipped["int8_onnx_agreement"] >= 70.0
+    assert shipped["val_images"] == 50
     float_top1 = json.loads((float_export / "metrics.json").read_text())["top1"]
     assert shipped["int8_pte_top1"] >= float_top1 - 6.0, (shipped["int8_pte_top1"], float_top1)
     assert shipped["size_mb"]["int8_pte"] < 0.5 * (export / "model.safetensors").stat().st_size / 1e6
     assert set(shipped["latency_ms"]) >= {"float_pte", "int8_pte", "float_onnx", "int8_onnx"}
-    assert metrics["export/int8_pte_top1"] == shipped["int8_pte_top1"]
-    # The checkpoint holds the fake-quant network, its frozen state included.
+    # MNv3's squeeze-excite means stay float (XNNPACK's quantizer does not annotate mean), and the report says so.
+    assert shipped["int8_kept_float"].get("mean", 0) > 0, shipped["int8_kept_float"]
+    # The checkpoint holds the fake-quant network (EMA weights in state_dict, the trained ones beside them), its
+    # frozen state included in both.
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert any(k.startswith("model.graph.") and k.endswith(".scale") for k in ckpt["state_dict"])
-    assert ckpt["state_dict"]["model._extra_state"] == {"bn_frozen": True, "observers_frozen": True}
+    for state in (ckpt["state_dict"], ckpt["current_model_state"]):
+        assert state["model.frozen_bn"] and state["model.frozen_observers"]
+
+
+@pytest.mark.slow
+def test_a_qat_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_weights_and_scales(tmp_path, shapes,
+                                                                                        float_export):
+    from preemption import PreemptAt, Preemption
+
+    from train.run import train
+
+    def run(run_dir: Path, *extra: str, callbacks=()):
+        return train(compose_run(*qat_overrides(shapes, float_export, run_dir, "export=false", *extra)),
+                     callbacks=callbacks)
+
+    run(tmp_path / "a")
+    with pytest.raises(Preemption):
+        run(tmp_path / "b", callbacks=[PreemptAt(30)])  # in epoch 1 (24 steps an epoch), after BN and observers froze
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and 24 < ckpt["global_step"] < 48
+    run(tmp_path / "b", "ckpt_path=last")
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(last, map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 48
+    for part in ("state_dict", "current_model_state"):  # EMA and trained weights, BN statistics, scales, flags
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
 @pytest.mark.slow
 def test_train_export_ships_int8_from_a_qat_checkpoint_and_fails_loudly_below_the_agreement_threshold(
-        tmp_path, shapes, float_export, capsys):
+        tmp_path, qat_run, capsys):
     from train.export import main
-    from train.run import train
 
-    run_dir = tmp_path / "qat"
-    train(compose_run("qat=true", f"init_from={float_export}", f"data.root={shapes}", "trainer.max_epochs=1",
-                      "export=false", f"run_dir={run_dir}"))
-    # The same checkpoint with an agreement threshold no runtime can reach: the export is written, and says so.
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # The QAT run's checkpoint with an agreement threshold no runtime can reach: the export is written, and says so.
+    ckpt = torch.load(qat_run[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ckpt["run_config"]["quant"]["min_agreement"]["pte"] = 101.0
     strict = tmp_path / "strict.ckpt"
     torch.save(ckpt, strict)
@@ -169,6 +365,34 @@ def test_train_export_ships_int8_from_a_qat_checkpoint_and_fails_loudly_below_th
     assert "is below quant.min_agreement.pte=101.0%" in err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (tmp_path / "out" / "model_int8.pte").is_file() and len(metrics["int8_failures"]) == 1
+    # The same int8 numbers as the run's own export: the checkpoint rebuilds the same network.
+    shipped = json.loads((qat_run[0] / "export" / "metrics.json").read_text())
+    assert metrics["int8_torch_top1"] == shipped["int8_torch_top1"]
+
+
+@pytest.mark.slow
+def test_qat_with_distill_learns_from_the_float_model_of_init_from_by_default(tmp_path, shapes, float_export):
+    import lightning as L
+    from safetensors.torch import load_file
+
+    from train.run import train
+
+    class TeacherSpy(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.teacher = pl_module.objective.teacher
+
+    spy = TeacherSpy()
+    run_dir = tmp_path / "qat_kd"
+    metrics = train(compose_run("qat=true", "distill=true", "kd=logit", f"init_from={float_export}",
+                                f"data.root={shapes}", "trainer.max_epochs=1", "export=false", f"run_dir={run_dir}"),
+                    callbacks=[spy])
+    assert metrics["val/acc1"] > 0 and metrics["val/teacher_acc1"] > 0
+    assert spy.teacher.source == str(float_export)
+    weights = load_file(str(float_export / "model.safetensors"))
+    teacher_state = spy.teacher.model.state_dict()
+    assert all(torch.equal(teacher_state[k].cpu(), v) for k, v in weights.items())  # the float model, untouched
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["run_config"]["qat"] and ckpt["run_config"]["distill"]
 
 
 @pytest.mark.slow
@@ -185,6 +409,8 @@ def test_post_training_quantization_of_a_float_checkpoint_exports_and_measures_i
                  "--batch-size", "25", "--data-root", str(ckpt["dataset"]["root"])]) == 0
     metrics = json.loads((tmp_path / "ptq" / "metrics.json").read_text())
     assert metrics["int8_failures"] == [] and metrics["int8_pte_agreement"] >= 70.0
+    assert "fakequant_top1" not in metrics  # a calibrated PTQ graph computes in float: no fake-quant number to give
     assert abs(metrics["float_top1"] - json.loads((float_export / "metrics.json").read_text())["top1"]) < 1e-6
     with pytest.raises(SystemExit):
         main([str(path), "--calib-batches", "x"])
+

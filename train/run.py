@@ -222,6 +222,9 @@ def _export(run_dir: Path, module: ImageClassifier, info: DatasetInfo, data_conf
         metrics.update(int8.metrics)
         for failure in int8.failures:
             record_summary(loggers, {"export/int8_failure": failure})
+        for key in ("int8_kept_float", "pte_outside_xnnpack"):  # what stayed float, where the backend kept it so
+            if int8.metrics[key]:
+                record_summary(loggers, {f"export/{key}": ", ".join(f"{k} x{n}" for k, n in int8.metrics[key].items())})
     return {f"export/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 

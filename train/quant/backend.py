@@ -33,6 +33,10 @@ def quantizer(backend: str, *, weight_bits: int, qat: bool):
     if weight_bits not in (7, 8):
         raise QuantError(f"quant.weight_bits must be 8 or 7 (7: onnxruntime on x86 without VNNI), got {weight_bits}")
     xnn = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
+    require("torchao.quantization.pt2e.quantize_pt2e")
+    from train.quant.patterns import cache_pattern_graphs
+
+    cache_pattern_graphs()  # after both are imported: they hold the exporter under its own name
     limit = 2 ** (weight_bits - 1) - 1
     config = xnn.get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, weight_qmin=-limit,
                                                    weight_qmax=limit)

@@ -5,6 +5,10 @@ What is measured (recipes.md §9): top-1/top-5 of the converted PyTorch int8 mod
 runtime's top-1 agreement with the PyTorch int8 model and its max |logit difference|, file sizes, and batch-1 CPU
 latency per image of the float and int8 model in each runtime. A runtime whose agreement falls below its threshold
 is reported as a failure (`Int8Report.failures`), never silently.
+
+What the backend cannot quantize stays float rather than failing, and is reported: `int8_kept_float` (compute ops
+the quantizer left in float, e.g. MNv4-Hybrid's attention) and `pte_outside_xnnpack` (ops ExecuTorch runs with its
+portable kernels because XNNPACK did not take them).
 """
 
 from __future__ import annotations
@@ -45,6 +49,35 @@ def convert(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return converted
 
 
+# Ops that carry a network's arithmetic: if one of these runs without a dequantized input, it computes in float.
+COMPUTE_OPS = ("conv", "linear", "matmul", "bmm", "mm.", "addmm", "scaled_dot_product_attention", "einsum",
+               "softmax", "layer_norm", "batch_norm", "mean", "avg_pool", "max_pool", "add.", "mul.", "hardswish",
+               "hardsigmoid", "sigmoid", "gelu", "silu")
+
+
+def kept_float(converted: torch.fx.GraphModule) -> dict[str, int]:
+    """Compute ops of the converted model that the quantizer left in float (none of their inputs is dequantized
+    int8), by op: what the int8 model computes in float."""
+    out: dict[str, int] = {}
+    for node in converted.graph.nodes:
+        name = str(node.target)
+        if node.op != "call_function" or "quantize" in name or not any(op in name for op in COMPUTE_OPS):
+            continue
+        if not any("dequantize" in str(arg.target) for arg in node.all_input_nodes if arg.op == "call_function"):
+            op = name.removeprefix("aten.").split(".")[0]
+            out[op] = out.get(op, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _outside_delegate(lowered) -> dict[str, int]:
+    """Ops of a lowered ExecuTorch program that run outside XNNPACK (ExecuTorch's portable kernels), by op."""
+    backend_debug = require("executorch.devtools.backend_debug")
+    info = backend_debug.get_delegation_info(lowered.exported_program().graph_module)
+    skip = ("getitem", "sym_size", "alloc")  # bookkeeping, not arithmetic
+    return {op: b.non_delegated for op, b in sorted(info.delegation_by_operator.items())
+            if b.non_delegated and not any(k in op for k in skip)}
+
+
 def _program(model: nn.Module, img_size: int, dynamic: bool):
     from torch.export import Dim
 
@@ -53,14 +86,22 @@ def _program(model: nn.Module, img_size: int, dynamic: bool):
     return torch.export.export(model, (x if dynamic else x[:1],), dynamic_shapes=shapes)
 
 
-def write_pte(model: nn.Module, path: Path, img_size: int) -> bool:
-    """ExecuTorch program lowered to XNNPACK; returns whether the batch dimension is dynamic (else it is 1)."""
+@dataclass
+class PteFile:
+    dynamic: bool  # the batch dimension is dynamic (else the program takes batch 1)
+    outside_xnnpack: dict[str, int]  # ops ExecuTorch runs itself, by op (empty: all in XNNPACK)
+
+
+def write_pte(model: nn.Module, path: Path, img_size: int) -> PteFile:
+    """ExecuTorch program lowered to XNNPACK (what XNNPACK does not take runs on ExecuTorch's portable kernels)."""
     exir = require("executorch.exir")
     xnn = require("executorch.backends.xnnpack.partition.xnnpack_partitioner")
     for dynamic in (True, False):
         try:
-            lowered = exir.to_edge_transform_and_lower(_program(model, img_size, dynamic),
-                                                       partitioner=[xnn.XnnpackPartitioner()]).to_executorch()
+            edge = exir.to_edge_transform_and_lower(_program(model, img_size, dynamic),
+                                                    partitioner=[xnn.XnnpackPartitioner()])
+            outside = _outside_delegate(edge)
+            lowered = edge.to_executorch()
         except Exception as e:  # noqa: BLE001 - a static batch is the fallback the format allows
             if not dynamic:
                 raise QuantError(f"ExecuTorch cannot lower the int8 model: {type(e).__name__}: {str(e)[:400]}") \
@@ -68,8 +109,8 @@ def write_pte(model: nn.Module, path: Path, img_size: int) -> bool:
             log.warning("ExecuTorch: a dynamic batch did not lower (%s); writing a batch-1 program", e)
             continue
         path.write_bytes(lowered.buffer)
-        return dynamic
-    return False
+        return PteFile(dynamic, outside)
+    raise AssertionError("unreachable: the static program either lowers or raises")
 
 
 def write_onnx(model: nn.Module, path: Path, img_size: int) -> None:
@@ -182,25 +223,32 @@ def measure(models: Mapping[str, Callable[[Tensor], Tensor]], reference: str, ba
             for name, s in stats.items()}
 
 
-def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module, float_model: nn.Module, out_dir: Path,
+def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module | None, float_model: nn.Module, out_dir: Path,
            batches: Iterable, *, img_size: int, mean: Sequence[float], std: Sequence[float], num_classes: int,
            min_agreement: Mapping[str, float]) -> Int8Report:
     """Convert the prepared `graph`, write both int8 files into `out_dir`, and measure the float model, the
-    fake-quant one (`fake_quant`: the QAT network, or the calibrated PTQ graph), int8 PyTorch and each runtime."""
+    fake-quant one (`fake_quant`: the QAT network; None for PTQ, whose calibrated graph computes in float), int8
+    PyTorch and each runtime."""
     out_dir = Path(out_dir)
     converted = convert(graph)
     pte, onnx_path = out_dir / PTE_FILE, out_dir / ONNX_FILE
-    dynamic = write_pte(converted, pte, img_size)
+    pte_file = write_pte(converted, pte, img_size)
     write_onnx(converted, onnx_path, img_size)
-    runners = {"pte": PteRunner(pte, dynamic, img_size), "onnx": OnnxRunner(onnx_path)}
-    fake = copy.deepcopy(fake_quant).eval()
+    runners = {"pte": PteRunner(pte, pte_file.dynamic, img_size), "onnx": OnnxRunner(onnx_path)}
     float_model = float_model.eval()
-    results = measure({"float": float_model, "fakequant": fake, "int8_torch": converted, **runners}, "int8_torch",
-                      batches, mean=mean, std=std, num_classes=num_classes)
+    models = {"float": float_model, "int8_torch": converted, **runners}
+    if fake_quant is not None:
+        models["fakequant"] = copy.deepcopy(fake_quant).eval()
+    results = measure(models, "int8_torch", batches, mean=mean, std=std, num_classes=num_classes)
     metrics: dict[str, Any] = {"val_images": results["float"]["images"]}
-    for name in ("float", "fakequant", "int8_torch", "pte", "onnx"):
-        key = name if name.startswith(("float", "fakequant", "int8")) else f"int8_{name}"
+    for name in models:
+        key = f"int8_{name}" if name in runners else name
         metrics[f"{key}_top1"], metrics[f"{key}_top5"] = results[name]["top1"], results[name]["top5"]
+    metrics["int8_kept_float"], metrics["pte_outside_xnnpack"] = kept_float(converted), pte_file.outside_xnnpack
+    for what, ops in (("the int8 model computes in float", metrics["int8_kept_float"]),
+                      ("ExecuTorch runs outside XNNPACK", metrics["pte_outside_xnnpack"])):
+        if ops:
+            log.warning("int8 export: %s: %s", what, ", ".join(f"{op} x{n}" for op, n in ops.items()))
     report = Int8Report(metrics)
     for name in runners:
         agree, diff = results[name]["agree"], results[name]["max_diff"]
@@ -209,7 +257,7 @@ def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module, float_model: nn.M
             report.failures.append(f"{name}: top-1 agreement with the PyTorch int8 model {agree:.1f}% is below "
                                    f"quant.min_agreement.{name}={min_agreement[name]}% (max |logit diff| {diff:.3g})")
     metrics["size_mb"] = {"int8_pte": pte.stat().st_size / 1e6, "int8_onnx": onnx_path.stat().st_size / 1e6}
-    metrics["latency_ms"] = _latencies(float_model, converted, runners, img_size, out_dir, dynamic)
+    metrics["latency_ms"] = _latencies(float_model, converted, runners, img_size, out_dir)
     metrics["pte_max_batch"] = runners["pte"].max_batch
     for failure in report.failures:
         log.error("int8 export: %s", failure)
@@ -217,14 +265,14 @@ def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module, float_model: nn.M
 
 
 def _latencies(float_model: nn.Module, converted: nn.Module, runners: Mapping[str, Any], img_size: int,
-               out_dir: Path, dynamic: bool) -> dict[str, float]:
+               out_dir: Path) -> dict[str, float]:
     """Batch-1 CPU ms per image: float and int8 in ExecuTorch and in onnxruntime (float files made for it here)."""
     out = {"int8_pte": latency_ms(runners["pte"], img_size), "int8_onnx": latency_ms(runners["onnx"], img_size),
            "float_torch": latency_ms(float_model, img_size), "int8_torch": latency_ms(converted, img_size)}
     with tempfile.TemporaryDirectory() as tmp:
         float_pte = Path(tmp) / "float.pte"
-        float_dynamic = write_pte(float_model, float_pte, img_size)
-        out["float_pte"] = latency_ms(PteRunner(float_pte, float_dynamic, img_size), img_size)
+        float_file = write_pte(float_model, float_pte, img_size)
+        out["float_pte"] = latency_ms(PteRunner(float_pte, float_file.dynamic, img_size), img_size)
         float_onnx = out_dir / "model.onnx"
         if not float_onnx.is_file():
             from train.export.artifacts import export_onnx

@@ -6,15 +6,13 @@ The exported graph has none of nn.Module's train/eval behaviour, so this wrapper
   what those helpers get wrong: every dropout's own p (they reset it to 0.5), the BN freeze, and the observers,
   which keep moving in eval unless disabled (so any evaluation, Lightning's included, leaves the scales alone).
 - `freeze_bn()` stops BN running statistics (the graph's batch_norm ops run with training=False from then on);
-  `freeze_observers()` stops the quantization ranges. Both are kept in checkpoints (`get_extra_state`).
+  `freeze_observers()` stops the quantization ranges. Both are boolean buffers, so whatever copies the network's
+  tensors carries them: checkpoints, EMA (which copies non-float tensors), DDP's buffer broadcast.
 - Parameter and buffer names are the float model's (torch.export keeps them), so a checkpoint of this network
   loads into a freshly prepared one exactly, and its float weights load into the timm model by name.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +36,19 @@ class FakeQuantNetwork(nn.Module):
         self.graph = quantize.prepare_qat_pt2e(graph, quantizer)
         # In graph order: torchao's train/eval helpers rewrite these nodes (new names, p reset to 0.5).
         self._dropout_p = [float(n.args[1]) for n in self._nodes("dropout")]
-        self.bn_frozen = False
-        self.observers_frozen = False
+        self.register_buffer("frozen_bn", torch.tensor(False))
+        self.register_buffer("frozen_observers", torch.tensor(False))
+        # A loaded state may freeze what this network has not frozen yet: the graph follows the loaded flags.
+        self.register_load_state_dict_post_hook(_follow_loaded_flags)
         self.train(True)
+
+    @property
+    def bn_frozen(self) -> bool:
+        return bool(self.frozen_bn)
+
+    @property
+    def observers_frozen(self) -> bool:
+        return bool(self.frozen_observers)
 
     # --------------------------------------------------------------------------------------- nn.Module behaviour
 
@@ -57,8 +65,8 @@ class FakeQuantNetwork(nn.Module):
                              f"{len(self._dropout_p)}: this torchao version rewrites them differently")
         for node, p in zip(dropouts, self._dropout_p):
             node.args = (node.args[0], p, mode)
-        if mode and self.bn_frozen:
-            self._bn_training(False)
+        if mode:
+            self._bn_training(not self.bn_frozen)
         if mode and not self.observers_frozen:
             self.graph.apply(pt2e.enable_observer)
         else:
@@ -68,24 +76,15 @@ class FakeQuantNetwork(nn.Module):
 
     def freeze_bn(self) -> None:
         """BN running statistics stop changing (the normalisation keeps using them, as in eval)."""
-        self.bn_frozen = True
+        self.frozen_bn.fill_(True)
         if self.training:
             self._bn_training(False)
             self.graph.recompile()
 
     def freeze_observers(self) -> None:
         """The quantization ranges (scales, zero points) stop changing; fake quantization stays on."""
-        self.observers_frozen = True
+        self.frozen_observers.fill_(True)
         self.graph.apply(_pt2e().disable_observer)
-
-    def get_extra_state(self) -> dict[str, bool]:
-        return {"bn_frozen": self.bn_frozen, "observers_frozen": self.observers_frozen}
-
-    def set_extra_state(self, state: Mapping[str, Any]) -> None:
-        if state.get("bn_frozen"):
-            self.freeze_bn()
-        if state.get("observers_frozen"):
-            self.freeze_observers()
 
     def float_state_dict(self) -> dict[str, Tensor]:
         """The float network's weights (the same names as the timm model's state_dict)."""
@@ -102,6 +101,10 @@ class FakeQuantNetwork(nn.Module):
             args = list(node.args)
             args[5] = training
             node.args = tuple(args)
+
+
+def _follow_loaded_flags(net: FakeQuantNetwork, _incompatible_keys) -> None:
+    net.train(net.training)
 
 
 def drop_batch_counters(graph: torch.fx.GraphModule) -> None:

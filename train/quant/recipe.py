@@ -120,8 +120,9 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
         if (export_dir / "model.onnx").is_file():
             shutil.copy2(export_dir / "model.onnx", stage / "model.onnx")  # the float file, for its latency
         net = net.cpu()
-        report = deploy(net.graph, net, float_net.cpu(), stage, batches, img_size=img_size, mean=mean, std=std,
-                        num_classes=num_classes, min_agreement=min_agreement)
+        fake_quant = None if isinstance(net, PTQNetwork) else net  # a calibrated PTQ graph computes in float
+        report = deploy(net.graph, fake_quant, float_net.cpu(), stage, batches, img_size=img_size, mean=mean,
+                        std=std, num_classes=num_classes, min_agreement=min_agreement)
         metrics_file = export_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         metrics.update(report.metrics, int8_failures=report.failures)
@@ -130,11 +131,11 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
         tmp = export_dir / ".metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         tmp.replace(metrics_file)
-    log.info("int8: float %.2f, fake-quant %.2f, int8 PyTorch %.2f, ExecuTorch %.2f (agreement %.1f%%), onnxruntime "
-             "%.2f (agreement %.1f%%) top-1 on %d images", report.metrics["float_top1"],
-             report.metrics["fakequant_top1"], report.metrics["int8_torch_top1"], report.metrics["int8_pte_top1"],
-             report.metrics["int8_pte_agreement"], report.metrics["int8_onnx_top1"],
-             report.metrics["int8_onnx_agreement"], report.metrics["val_images"])
+    m = report.metrics
+    fake = f", fake-quant {m['fakequant_top1']:.2f}" if "fakequant_top1" in m else ""
+    log.info("int8: float %.2f%s, int8 PyTorch %.2f, ExecuTorch %.2f (agreement %.1f%%), onnxruntime %.2f (agreement "
+             "%.1f%%) top-1 on %d images", m["float_top1"], fake, m["int8_torch_top1"], m["int8_pte_top1"],
+             m["int8_pte_agreement"], m["int8_onnx_top1"], m["int8_onnx_agreement"], m["val_images"])
     return report
 
 

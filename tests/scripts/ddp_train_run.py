@@ -1,8 +1,10 @@
-"""`train.run.train` with distill=true under DDP, recording what each rank trained on, for tests/test_distill.py.
+"""`train.run.train` under DDP, recording what each rank trained on and ended with, for tests of distillation and
+QAT under DDP.
 
-    python tests/scripts/distill_ddp_run.py OUT [train overrides...]
+    python tests/scripts/ddp_train_run.py OUT [train overrides...]
 
-Each rank writes OUT/rank<r>.json: its batches' sample keys and sources. Lightning's DDP launcher re-executes this
+Each rank writes OUT/rank<r>.json: its batches' sample keys (and kd sources, when distilling) and a fingerprint of
+its final network (the sum of every tensor in its state_dict, by name). Lightning's DDP launcher re-executes this
 script once per extra rank, as it would for a user's training script.
 """
 
@@ -24,13 +26,17 @@ class Recorder(pl.Callback):
         self.out, self.batches = out, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batches.append({"epoch": trainer.current_epoch, "keys": list(batch["key"]),
-                             "source": batch["source"].tolist()})
+        record = {"epoch": trainer.current_epoch, "keys": list(batch["key"])}
+        if "source" in batch:
+            record["source"] = batch["source"].tolist()
+        self.batches.append(record)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        state = {k: float(v.double().sum()) for k, v in pl_module.model.state_dict().items() if v.numel()}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"rank": trainer.global_rank, "world_size": trainer.world_size, "batches": self.batches}))
+            {"rank": trainer.global_rank, "world_size": trainer.world_size, "batches": self.batches,
+             "state": state}))
 
 
 def main() -> None:
