@@ -67,7 +67,8 @@ def test_qat_without_a_float_model_or_with_another_architecture_says_what_init_f
 
     images = make_image_folder(tmp_path / "four", num_classes=4, train_per_class=4, val_per_class=2, size=32)
     make_shards(images, tmp_path / "four-shards", samples_per_shard=64, workers=1, progress=False)
-    assert_clean_failure(run_train("qat=true", f"data.root={tmp_path / 'four-shards'}", f"init_from={trained_teacher}",
+    assert_clean_failure(run_train("qat=true", "model=mnv3_s_075", f"data.root={tmp_path / 'four-shards'}",
+                                   f"init_from={trained_teacher}",
                                    cwd=tmp_path), "was trained on 10 classes", "this data has 4")
 
 
