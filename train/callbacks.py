@@ -75,6 +75,8 @@ class EMAWeights(WeightAveraging):
       (1.2e-7 instead of the checkpoint's 2^-12), so every averaged tensor is also copied by name from the
       checkpoint."""
 
+    _shapes_checked = False
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
         if self._average_model is None or "averaging_state" not in checkpoint:
@@ -88,11 +90,13 @@ class EMAWeights(WeightAveraging):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._average_model is not None:
+        if self._average_model is not None and not self._shapes_checked:
+            # Once: after the first forward every buffer has its final shape (not on the hot path after that).
             averaged = self._average_model.module
             for mine, theirs in zip(averaged.buffers(), pl_module.buffers()):
                 if mine.shape != theirs.shape:
                     mine.data = theirs.detach().clone().to(mine.device)
+            self._shapes_checked = True
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
