@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # The CUDA build of torch that clusters use also runs on CPU; these versions are on this machine's disk.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# Test modules run in parallel, one worker per core up to 4 (much of a test is single-threaded Python: torch.export,
+# ExecuTorch lowering, Hydra); each module stays in one worker, so its fixtures are built once.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: install demo test lint clean
 
@@ -26,7 +29,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -1,7 +1,7 @@
 """What does int8 cost, and what does QAT buy over PTQ? Float, PTQ and QAT int8 of three MobileNets, trained by our
 pipeline on real photos (Imagenette), each int8 file measured in the runtime that runs it.
 
-    python -m bench.qat_evidence                        # all three models (hours on 2 CPU cores; every stage cached)
+    python -m bench.qat_evidence                        # all three models (~40 min on 2 CPU cores; stages cached)
     python -m bench.qat_evidence --models mnv3_s_100    # one model
 
 Data: every Imagenette train photo (9,469) and the whole val split (3,925) of `../shared/data/imagenette2-224`,
@@ -11,6 +11,8 @@ as shards made once under --cache-dir (shared with bench.distill_evidence). For 
          N training batches (eval preprocessing), converted to int8
   QAT    python -m train model=M qat=true init_from=<float>/export for --qat-epochs (the quant group's lr factor; BN
          statistics frozen from --freeze-bn, observers from --freeze-observers)
+"QAT float weights" is the QAT run's own weights without fake quantization (QAT also trains --qat-epochs more);
+"QAT - float" compares the QAT int8 ExecuTorch model with the float model it started from.
 Every top-1 is on the whole val split, with the float model's eval preprocessing: int8 PyTorch (the converted
 model), ExecuTorch (model_int8.pte on XNNPACK) and onnxruntime (model_int8.onnx, QDQ). Sizes are the files' bytes;
 latency is batch 1, ms per image, median of 30 on this CPU, measured by the export (float and int8 in each
@@ -85,11 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--src", type=Path, default=DEFAULT_SRC)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--models", nargs="+", default=list(MODELS))
-    p.add_argument("--img-size", type=int, default=112)
-    p.add_argument("--float-epochs", type=int, default=12)
-    p.add_argument("--qat-epochs", type=int, default=3)
+    p.add_argument("--img-size", type=int, default=96)
+    p.add_argument("--float-epochs", type=int, default=8)
+    p.add_argument("--qat-epochs", type=int, default=2)
     p.add_argument("--freeze-bn", type=int, default=1, help="QAT epoch from which BN statistics are frozen")
-    p.add_argument("--freeze-observers", type=int, default=2, help="QAT epoch from which observers are frozen")
+    p.add_argument("--freeze-observers", type=int, default=1, help="QAT epoch from which observers are frozen")
     p.add_argument("--calib-batches", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-3)
@@ -124,10 +126,11 @@ def main(argv: list[str] | None = None) -> None:
 def _report(args, cache: Path, rows: list, log: list[str]) -> None:
     lines = [f"machine: {machine_summary(__import__('torch').device('cpu'))}",
              f"Imagenette (10 classes), {args.img_size} px; val top-1 on all 3,925 val photos", "",
-             "| model | float | PTQ int8 PyTorch / ExecuTorch / onnxruntime | QAT fake-quant | QAT int8 PyTorch / "
+             "| model | float | PTQ int8 PyTorch / ExecuTorch / onnxruntime | QAT float weights | QAT fake-quant | "
+             "QAT int8 PyTorch / "
              "ExecuTorch / onnxruntime | QAT - float (ExecuTorch) | agreement QAT pte / onnx | MB float -> int8 pte "
              "| ms/img ExecuTorch float -> int8 | ms/img onnxruntime float -> int8 | minutes float / QAT |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, fl, ptq, qat in rows:
         def three(m):
             return f"{m['int8_torch_top1']:.2f} / {m['int8_pte_top1']:.2f} / {m['int8_onnx_top1']:.2f}"
@@ -135,7 +138,8 @@ def _report(args, cache: Path, rows: list, log: list[str]) -> None:
         lat = qat["latency_ms"]
         float_mb = (cache / "qat" / model / "float" / "export" / "model.safetensors").stat().st_size / 1e6
         lines.append(
-            f"| {model} | {fl['top1']:.2f} | {three(ptq)} | {qat['fakequant_top1']:.2f} | {three(qat)} | "
+            f"| {model} | {fl['top1']:.2f} | {three(ptq)} | {qat['float_top1']:.2f} | {qat['fakequant_top1']:.2f} | "
+            f"{three(qat)} | "
             f"{qat['int8_pte_top1'] - fl['top1']:+.2f} | {qat['int8_pte_agreement']:.1f} / "
             f"{qat['int8_onnx_agreement']:.1f} | {float_mb:.2f} -> {qat['size_mb']['int8_pte']:.2f} | "
             f"{lat['float_pte']:.2f} -> {lat['int8_pte']:.2f} | {lat['float_onnx']:.2f} -> {lat['int8_onnx']:.2f} | "

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (`make test`) the workers share the cores: each takes its share of torch's intra-op threads
+# (oversubscribed thread pools spin against each other), and the DDP ranks and loader workers it starts inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -53,3 +60,16 @@ def trained_teacher(tmp_path_factory, synthetic_shards) -> Path:
             f"data.root={synthetic_shards}", "data.batch_size=25", "trainer.max_epochs=1"])
     train(cfg)
     return run_dir / "export"
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """Synthetic shapes as shards, enough of them (60 a class, 5 val) for a small model to learn them well in a
+    minute: the data of the QAT tests."""
+    from data_pipes.shards.make import make_shards
+    from data_pipes.shards.synthetic import make_image_folder
+
+    tmp = tmp_path_factory.mktemp("shapes")
+    images = make_image_folder(tmp / "images", train_per_class=60, val_per_class=5, size=64)
+    make_shards(images, tmp / "shards", samples_per_shard=200, workers=1, progress=False)
+    return tmp / "shards"

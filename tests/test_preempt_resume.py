@@ -1,15 +1,20 @@
-"""A run stopped mid-epoch and resumed from its last checkpoint ends exactly where an uninterrupted run ends."""
+"""A run stopped and resumed from its last checkpoint ends exactly where an uninterrupted run ends, with dropout,
+drop-path and Mixup/CutMix on (every rank's RNG states are in the checkpoint)."""
 
 from __future__ import annotations
 
+import csv
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from preemption import PreemptAt, Preemption
+from preemption import PreemptAt, PreemptBeforeValidation, Preemption, SignalAt
 
 REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 12  # 200 train images of the synthetic shards, batch 16
 
 
 def run(root: Path, run_dir: Path, *overrides: str, callbacks=()) -> dict[str, float]:
@@ -19,32 +24,96 @@ def run(root: Path, run_dir: Path, *overrides: str, callbacks=()) -> dict[str, f
         cfg = compose(config_name="train", overrides=[
             f"run_dir={run_dir}", f"data.root={root}", "model=mnv3_s_075", "data.img_size=32", "data.batch_size=16",
             "data.num_workers=2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_epochs=2",
-            # No dropout: the global RNG is not part of a checkpoint, so dropout masks would differ after a resume.
-            "model.drop_rate=0.0", "model.drop_path_rate=0.0", "ema.decay=0.9",
+            # Everything that draws from the global RNGs: dropout, drop-path (torch) and Mixup/CutMix (numpy).
+            "model.drop_rate=0.2", "model.drop_path_rate=0.1", "aug.mixup.mixup_alpha=0.8",
+            "aug.mixup.cutmix_alpha=1.0", "ema.decay=0.9",
             "callbacks.checkpoint.every_n_train_steps=1", "callbacks.progress_bar=false",
             "logger.wandb.enabled=false", "export=false", *overrides,
         ])
     return train(cfg, callbacks=callbacks)
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+def logged(run_dir: Path, key: str) -> list[tuple[int, str]]:
+    """(step, value) of every row of the run's CSV log that holds `key`."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
+def last(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synthetic_shards) -> tuple[Path, dict[str, float]]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    return run_dir, run(synthetic_shards, run_dir)
 
 
 @pytest.mark.slow
-def test_resuming_mid_epoch_continues_the_data_stream_and_reproduces_the_uninterrupted_run(tmp_path, synthetic_shards):
-    uninterrupted = run(synthetic_shards, tmp_path / "a")
-
-    # Killed 5 steps into the first epoch (12 steps), then requeued with ckpt_path=last into the same run dir.
+@pytest.mark.parametrize("preemption, checkpointed_step", [(lambda: PreemptAt(5), 4),
+                                                          (PreemptBeforeValidation, STEPS_PER_EPOCH - 1)],
+                         ids=["mid_epoch", "after_the_last_batch_of_an_epoch"])
+def test_a_run_killed_and_resumed_reproduces_the_uninterrupted_runs_weights_with_dropout_drop_path_and_mixup(
+        tmp_path, synthetic_shards, uninterrupted, preemption, checkpointed_step):
+    a_dir, a_metrics = uninterrupted
+    # Killed (checkpointed every step: the step before the kill is on disk; not after an epoch's last batch, whose
+    # validation has not run: see StepCheckpoint), then restarted with ckpt_path=last in the same run dir.
     with pytest.raises(Preemption):
-        run(synthetic_shards, tmp_path / "b", callbacks=[PreemptAt(5)])
-    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["epoch"] == 0 and 0 < ckpt["global_step"] < 12  # mid-epoch
-    resumed = run(synthetic_shards, tmp_path / "b", f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}")
+        run(synthetic_shards, tmp_path, callbacks=[preemption()])
+    assert last(tmp_path)["global_step"] == checkpointed_step
+    assert len(last(tmp_path)["rng_states"]) == 1  # one rank
+    resumed = run(synthetic_shards, tmp_path, "ckpt_path=last")
 
-    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
-    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == \
-        torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], msg=lambda m, k=key: f"{k}: {m}")
-    assert resumed["val/acc1"] == pytest.approx(uninterrupted["val/acc1"])
+    a, b = last(a_dir), last(tmp_path)
+    # last.ckpt is the final state in both, also when the last validation did not improve on the best
+    assert a["global_step"] == b["global_step"] == 2 * STEPS_PER_EPOCH
+    for part in ("state_dict", "current_model_state"):  # EMA and trained weights
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert resumed["val/acc1"] == a_metrics["val/acc1"]
+    # The restart appended to the CSV log in the same run dir: every step's loss once, the same as uninterrupted.
+    for key in ("train/loss", "train/acc1_epoch", "val/acc1", "lr-AdamW/pg1"):
+        assert logged(tmp_path, key) == logged(a_dir, key), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2], ids=["slurm_usr1", "submitit_usr2"])
+def test_a_signal_checkpoints_at_the_next_step_and_the_default_ckpt_path_resumes_to_the_uninterrupted_run(
+        tmp_path, synthetic_shards, uninterrupted, signum, caplog):
+    from train.requeue import Requeued
+
+    a_dir, a_metrics = uninterrupted
+    with pytest.raises(Requeued, match=f"stopped on {signal.Signals(signum).name} at step 6"):
+        run(synthetic_shards, tmp_path, callbacks=[SignalAt(5, signum)])  # handled at the end of the next step
+    assert last(tmp_path)["global_step"] == 6
+    assert signal.getsignal(signum) is signal.SIG_DFL  # the handler is removed with the run
+    with caplog.at_level("INFO", logger="train.requeue"):
+        resumed = run(synthetic_shards, tmp_path)  # ckpt_path=auto (the default) finds last.ckpt
+    assert f"resumed from {tmp_path / 'checkpoints' / 'last.ckpt'} at step 6 (epoch 0)" in caplog.text
+    a, b = last(a_dir), last(tmp_path)
+    assert a["global_step"] == b["global_step"]
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert resumed["val/acc1"] == a_metrics["val/acc1"]
+    assert logged(tmp_path, "train/loss") == logged(a_dir, "train/loss")
+
+
+@pytest.mark.slow
+def test_a_signalled_run_closes_its_wandb_segment_and_the_restart_continues_the_same_run_id(tmp_path,
+                                                                                              synthetic_shards):
+    from train.requeue import Requeued
+
+    wandb_on = ("logger.wandb.enabled=true", "logger.wandb.mode=offline", "trainer.max_epochs=1")
+    with pytest.raises(Requeued):
+        run(synthetic_shards, tmp_path, *wandb_on, "trainer.log_every_n_steps=1",
+            callbacks=[SignalAt(3, signal.SIGUSR1)])
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    first = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    # The segment was finished before the stop: its steps are on disk (a W&B service killed by the requeue's
+    # SIGTERM leaves a 7-byte header, slurm.md).
+    assert len(first) == 1 and first[0].stat().st_size > 10_000, first
+    time.sleep(1.1)  # offline folders are named by the second they start in: keep the two segments apart
+    run(synthetic_shards, tmp_path, *wandb_on)
+    # Offline W&B writes one folder per start; both carry the run dir's id (`wandb sync` uploads them as one run).
+    segments = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all(s.name.endswith(f"-{run_id}") for s in segments), segments

@@ -18,10 +18,14 @@ def main(cfg: DictConfig) -> None:
     from distill.teacher import TeacherError
     from train.models import ModelConfigError
     from train.quant.backend import QuantError
+    from train.requeue import Requeued
     from train.run import train
 
     try:
         train(cfg)
+    except Requeued as e:  # checkpointed (and requeued under Slurm): not a failure
+        log.info("%s", e)
+        return
     except (DatasetError, ModelConfigError, TeacherError, KDSetError, QuantError, NotImplementedError) as e:
         # Bad input, not a bug: say what is wrong and how to fix it, without a stack trace.
         log.error("%s", e)

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import random
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
+    ProgressBar,
     TQDMProgressBar,
     WeightAveraging,
 )
 from torch import Tensor
 
 from train.throughput import ThroughputLogger
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -48,6 +58,67 @@ class RunRecord(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint.update(self.record)
+
+
+class RngStates(Callback):
+    """Every rank's global RNG states (torch, CUDA, numpy, Python) in each checkpoint, put back at the first training
+    batch after a resume: dropout, drop-path and Mixup/CutMix then draw what the uninterrupted run drew.
+
+    Put back at the first batch rather than at load, because in between the resumed run builds its loaders and
+    runs the sanity check, which the run it continues did not do at that point. (Loaders draw their workers' base
+    seed from their own generator, not from the global one: see `ShardLoader`. Augmentation is reseeded per batch
+    in the workers.) States are plain tensors and numbers, so checkpoints still load with `weights_only=True`."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Every rank runs this hook for every save (Lightning writes the file on rank 0), so the gather is safe.
+        mine = _rng_states()
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, mine)
+        else:
+            states = [mine]
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        if len(states) != trainer.world_size:
+            if trainer.is_global_zero:
+                log.warning("resume: the checkpoint holds the RNG states of %d ranks, this run has %d: random draws "
+                            "(dropout, drop-path, mixup) will not repeat the interrupted run's", len(states),
+                            trainer.world_size)
+            return
+        self._pending = states[trainer.global_rank]
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            _set_rng_states(self._pending)
+            self._pending = None
+
+
+def _rng_states() -> dict[str, Any]:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "python": [version, list(py_state), gauss]}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, py_state, gauss = states["python"]
+    random.setstate((version, tuple(py_state), gauss))
 
 
 class WarmupEMA:
@@ -104,6 +175,108 @@ class EMAWeights(WeightAveraging):
         pl_module.eval()
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint every N training steps, except on a batch that a validation follows (the epoch's last, or
+    a `val_check_interval` batch): Lightning resumes a checkpoint written there as if that validation had run and
+    skips it (its loop fast-forwards to the end of evaluation), so the resumed run would miss a validation, its
+    best metrics and its checkpoint.
+
+    It is the one writer of last.ckpt: every N steps and after every validation, so last.ckpt is always the newest
+    state. (Lightning's monitored checkpoint would write it only when its metric improves, and, if it never did in
+    this process, once more at the end of training, after EMA has replaced the trained weights by their average.)"""
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not validation_follows(trainer, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """No save here: by now EMA has copied its average into the model (the checkpoint would hold it as the
+        trained weights), and the final step was saved after the final validation or at its own batch end."""
+
+
+def validation_follows(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether Lightning validates after this training batch (before the next one)."""
+    if not trainer.enable_validation:
+        return False
+    every = trainer.check_val_every_n_epoch
+    if every is not None and (trainer.current_epoch + 1) % every != 0:
+        return False
+    if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        return True
+    interval = trainer.val_check_batch
+    return interval is not None and interval != float("inf") and (batch_idx + 1) % int(interval) == 0
+
+
+class PlainProgress(ProgressBar):
+    """Progress as plain lines, one every `every_n_steps` optimizer steps and one per validation, for output that
+    is not a terminal (a Slurm job's log file): a carriage-return bar there is one endless line.
+
+        epoch 3/100 step 1200/50000 | 2,345 img/s | loss 3.412 | lr 1.95e-03 | ETA 5:48:10
+        epoch 3/100 val: acc1 41.20 acc5 66.93 (best 41.20)
+    """
+
+    def __init__(self, every_n_steps: int) -> None:
+        super().__init__()
+        self.every_n_steps = max(1, int(every_n_steps))
+        self._enabled = True
+        self._images = 0
+        self._start = 0.0
+        self._start_step = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start, self._start_step, self._images = time.monotonic(), trainer.global_step, 0
+
+    def _total_steps(self, trainer: Trainer) -> int | None:
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches) \
+            if trainer.num_training_batches != float("inf") else None
+        limits = [n for n in (trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None,
+                              per_epoch * trainer.max_epochs if per_epoch and trainer.max_epochs else None) if n]
+        return min(limits) if limits else None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._images += image_count(batch) * trainer.world_size
+        step = trainer.global_step
+        if not (self._enabled and trainer.is_global_zero) or step % self.every_n_steps or step == self._start_step:
+            return
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        total = self._total_steps(trainer)
+        done = step - self._start_step
+        eta = "?" if total is None else _clock((total - step) * elapsed / done)
+        loss = trainer.progress_bar_metrics.get("train/loss")
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} step {step}/{total or '?'} | "
+              f"{self._images / elapsed:,.0f} img/s | loss {float(loss):.4g} | lr {lr:.3g} | ETA {eta}"
+              if loss is not None else
+              f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} step {step}/{total or '?'} | "
+              f"{self._images / elapsed:,.0f} img/s | lr {lr:.3g} | ETA {eta}", flush=True)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not (self._enabled and trainer.is_global_zero) or trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        if "val/acc1" in m:
+            print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} val: acc1 {float(m['val/acc1']):.2f} "
+                  f"acc5 {float(m['val/acc5']):.2f} (best {float(m['val/acc1_best']):.2f})", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def image_count(batch: dict[str, Any]) -> int:
     return batch["image"].size(0)
 
@@ -113,18 +286,21 @@ def build_callbacks(
     ema_warmup: bool, record: RunRecord, has_logger: bool, progress_refresh: int | None,
 ) -> list[Callback]:
     checkpoints = run_dir / "checkpoints"
-    # Both write the same last.ckpt (every N steps, and after each validation), so `ckpt_path=last` always finds
-    # the newest state under one name; the version counter would otherwise make last-v1.ckpt.
+    # StepCheckpoint alone writes last.ckpt (every N steps and after each validation), so `ckpt_path=last` always
+    # finds the newest state under one name.
     callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=checkpoints, filename="step-{step}", every_n_train_steps=every_n_train_steps,
+        StepCheckpoint(dirpath=checkpoints, filename="step-{step}", every_n_train_steps=every_n_train_steps,
                         save_last=True, save_top_k=0, enable_version_counter=False),
         ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc1", mode="max", save_top_k=save_top_k,
-                        save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
+                        save_last=False, auto_insert_metric_name=False, enable_version_counter=False),
         record,
+        RngStates(),
     ]
     if progress_refresh:
-        # Refreshing reads the loss from the device: once per logging interval, not every step.
-        callbacks.append(TQDMProgressBar(refresh_rate=progress_refresh))
+        # Refreshing reads the loss from the device: once per logging interval, not every step. Without a terminal
+        # (a Slurm job, a log file) progress is plain lines instead of a carriage-return bar.
+        callbacks.append(TQDMProgressBar(refresh_rate=progress_refresh) if sys.stdout.isatty()
+                         else PlainProgress(progress_refresh))
     if has_logger:
         callbacks.append(ThroughputLogger(batch_size_fn=image_count))
         if lr_monitor:

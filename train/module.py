@@ -135,6 +135,16 @@ class ImageClassifier(LightningModule):
     def on_train_epoch_start(self) -> None:
         self._train_counts = torch.zeros(3, dtype=torch.long, device=self.device)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The epoch's train counts so far, summed over ranks (every rank runs this hook for every save): a run resumed
+        # mid-epoch then reports the whole epoch's accuracy, not the part after the restart.
+        checkpoint["train_counts"] = self.trainer.strategy.reduce(self._train_counts.clone(), reduce_op="sum").cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counts = checkpoint.get("train_counts")
+        if counts is not None:  # rank 0 carries the sum; the others start from zero (the epoch end sums them all)
+            self._train_counts = counts.clone() if self.trainer.is_global_zero else torch.zeros_like(counts)
+
     def on_train_epoch_end(self) -> None:
         hits1, hits5, seen = self.trainer.strategy.reduce(self._train_counts.clone(), reduce_op="sum").tolist()
         if seen:

@@ -65,8 +65,16 @@ class SchedulerFactory:
     """`create_scheduler_v2` arguments, with `exponential` (lr *= decay_rate per epoch, applied per update) added."""
 
     sched: str
-    num_epochs: int
+    num_epochs: int | None
+    max_updates: int | None = None  # trainer.max_steps: the schedule ends at whichever limit comes first
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def total_updates(self, updates_per_epoch: int) -> int:
+        limits = [n for n in (self.num_epochs and self.num_epochs * updates_per_epoch, self.max_updates)
+                  if n is not None and n > 0]
+        if not limits:
+            raise ValueError("the lr schedule needs an end: set trainer.max_epochs or trainer.max_steps")
+        return min(limits)
 
     def __call__(self, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Scheduler:
         kwargs = dict(self.kwargs)
@@ -79,7 +87,8 @@ class SchedulerFactory:
         scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=sched,
-            num_epochs=self.num_epochs,
+            # In epochs of `updates_per_epoch` (timm's unit), possibly fractional: the run's real length in updates.
+            num_epochs=self.total_updates(updates_per_epoch) / updates_per_epoch,
             step_on_epochs=False,
             updates_per_epoch=updates_per_epoch,
             **kwargs,
@@ -99,9 +108,10 @@ def optimizer_factory(opt: str, lr: float, weight_decay: float = 0.0, *, lr_batc
     return OptimizerFactory(opt=opt, lr=lr, weight_decay=weight_decay, kwargs=kwargs, scaling=scaling)
 
 
-def scheduler_factory(sched: str, num_epochs: int, **kwargs: Any) -> SchedulerFactory:
+def scheduler_factory(sched: str, num_epochs: int | None, max_updates: int | None = None,
+                      **kwargs: Any) -> SchedulerFactory:
     known = {"cosine", "step", "exponential", "multistep", "tanh", "poly"}
     if sched not in known:
         raise ValueError(f"sched.sched={sched!r} is not a schedule; choose one of {sorted(known)} "
                          "(e.g. sched=cosine, sched=step, sched=exponential)")
-    return SchedulerFactory(sched=sched, num_epochs=num_epochs, kwargs=kwargs)
+    return SchedulerFactory(sched=sched, num_epochs=num_epochs, max_updates=max_updates, kwargs=kwargs)

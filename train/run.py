@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from timm.data import resolve_model_data_config
 
@@ -24,7 +25,8 @@ from train.module import ImageClassifier
 from train.objective import ClassificationObjective, NoMixing, build_batch_mixing
 from train.optim import optimizer_factory, scheduler_factory
 from train.quant.backend import QuantError
-from train.tracking import RunIdentity, build_loggers, define_summaries, record_summary
+from train.requeue import RequeueOnSignal, resolve_ckpt_path
+from train.tracking import RunIdentity, build_loggers, close_loggers, define_summaries, record_summary
 
 log = logging.getLogger(__name__)
 # The module normalises uint8 batches in `on_after_batch_transfer` on purpose (on the device, after the copy);
@@ -66,21 +68,34 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
                                 ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup, record=record,
                                 has_logger=bool(loggers),
                                 progress_refresh=cfg.trainer.log_every_n_steps if cfg.callbacks.progress_bar else None)
+    requeue = RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt", signals=list(cfg.callbacks.requeue.signals),
+                              requeue=cfg.callbacks.requeue.requeue)
     trainer = L.Trainer(**_trainer_kwargs(cfg), default_root_dir=run_dir, logger=loggers or False,
-                        callbacks=[*run_callbacks, *datamodule.callbacks(), *_qat_callbacks(cfg), *callbacks],
-                        enable_progress_bar=cfg.callbacks.progress_bar, plugins=[AtomicCheckpointIO()])
+                        callbacks=[*run_callbacks, *datamodule.callbacks(), *_qat_callbacks(cfg), requeue, *callbacks],
+                        enable_progress_bar=cfg.callbacks.progress_bar, plugins=_plugins())
     define_summaries(loggers)
     record_summary(loggers, {"model/params_m": _params_m(model), "model/macs_m": macs / 1e6, "img_size": img_size,
                              **kd_record})
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    if cfg.export and trainer.is_global_zero:
-        metrics.update(_export(run_dir, module, info, data_config, cfg, loggers))
-    record_summary(loggers, metrics)
-    for logger in loggers:
-        logger.finalize("success")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir),
+                    weights_only=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if cfg.export and trainer.is_global_zero:
+            metrics.update(_export(run_dir, module, info, data_config, cfg, loggers))
+        record_summary(loggers, metrics)
+    except BaseException:
+        close_loggers(loggers, success=False)  # what was logged reaches disk; a restart continues the run id
+        raise
+    close_loggers(loggers, success=True)
     return metrics
+
+
+def _plugins() -> list:
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # our RequeueOnSignal checkpoints and requeues; Lightning's own would too, mid-step
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def _plain(node: Any) -> Any:
@@ -148,8 +163,9 @@ def _build_module(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, da
 
     def updates_per_epoch() -> int:
         world = datamodule.trainer.world_size if datamodule.trainer else 1
+        batches = limited_batches(datamodule.steps_per_epoch(world), cfg.trainer.limit_train_batches)
         # Lightning steps the optimizer on the last, partial accumulation of an epoch too.
-        return max(1, math.ceil(datamodule.steps_per_epoch(world) / cfg.trainer.accumulate_grad_batches))
+        return max(1, math.ceil(batches / cfg.trainer.accumulate_grad_batches))
 
     def global_batch() -> int:
         world = datamodule.trainer.world_size if datamodule.trainer else 1
@@ -164,11 +180,20 @@ def _build_module(cfg: DictConfig, model: torch.nn.Module, info: DatasetInfo, da
         batch_mixing=_batch_mixing(cfg, info),
         val_extras=val_extras,
         optimizer=optimizer_factory(**optim, global_batch=global_batch),
-        scheduler=scheduler_factory(num_epochs=cfg.trainer.max_epochs, **sched),
+        scheduler=scheduler_factory(num_epochs=cfg.trainer.max_epochs, max_updates=cfg.trainer.max_steps, **sched),
         updates_per_epoch=updates_per_epoch,
         channels_last=cfg.channels_last,
         macs_per_image=macs,
     )
+
+
+def limited_batches(batches: int, limit: int | float | None) -> int:
+    """Training batches of an epoch under Lightning's `limit_train_batches` (an int caps, a float is a fraction)."""
+    if limit is None:
+        return batches
+    if isinstance(limit, float) and limit <= 1.0:
+        return int(batches * limit)
+    return min(batches, int(limit))
 
 
 def _batch_mixing(cfg: DictConfig, info: DatasetInfo):
@@ -205,20 +230,22 @@ def _export(run_dir: Path, module: ImageClassifier, info: DatasetInfo, data_conf
                                                                interpolation=data_config["interpolation"]),
                                batch_size=cfg.data.val_batch_size or cfg.data.batch_size,
                                num_workers=min(cfg.data.num_workers, 4))
+    device = module.device  # the float export's top-1 is measured where training ran (in fp32), not on the CPU
     network = module.model.cpu().eval()
     if cfg.qat:
         from train.quant.recipe import float_model
 
         network = float_model(module.model, cfg.model.name, info.num_classes)
     report = export_model(network, run_dir / "export", architecture=cfg.model.name,
-                          label_names=info.label_names, data_config=data_config, val_batches=loader)
+                          label_names=info.label_names, data_config=data_config, val_batches=loader, device=device)
     metrics = dict(report.metrics)
     if cfg.qat:
         from train.quant.recipe import export_int8
 
         int8 = export_int8(module.model, network, run_dir / "export", loader, img_size=img_size,
                            mean=data_config["mean"], std=data_config["std"], num_classes=info.num_classes,
-                           min_agreement=_plain(cfg.quant.min_agreement))
+                           min_agreement=_plain(cfg.quant.min_agreement),
+                           max_top1_drop=float(cfg.quant.max_top1_drop), latency=bool(cfg.quant.latency))
         metrics.update(int8.metrics)
         for failure in int8.failures:
             record_summary(loggers, {"export/int8_failure": failure})

@@ -6,14 +6,61 @@ switches, so the W&B table can be filtered and grouped by any of them.
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
+
+
+class AppendingCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, made to continue the metrics.csv of a run it resumes (same run directory) instead of
+    deleting it. Rows of the interrupted segment from the first step the resumed run logs on are dropped (it trains
+    and logs those steps again), so each step appears once; columns of both segments are kept."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        self._previous: list[dict[str, str]] | None = None
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self._previous = list(reader)
+                self.metrics_keys = sorted(reader.fieldnames or [])
+
+    def _check_log_dir_exists(self) -> None:
+        """Nothing to check: an existing log is continued (Lightning's writer deletes it here)."""
+
+    def save(self) -> None:
+        if self._previous is not None and self.metrics:
+            first = min(int(m["step"]) for m in self.metrics)
+            kept = [row for row in self._previous if row.get("step") and int(float(row["step"])) < first]
+            self._record_new_keys()
+            tmp = f"{self.metrics_file_path}.tmp"
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+            os.replace(tmp, self.metrics_file_path)
+            self._previous = None
+        super().save()
+
+
+class AppendingCSVLogger(CSVLogger):
+    """CSVLogger whose writer continues an existing log (see `AppendingCSVWriter`)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AppendingCSVWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingCSVWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 @dataclass(frozen=True)
@@ -51,14 +98,35 @@ def build_loggers(
     if wandb_enabled:
         # wandb reads WANDB_MODE itself; setting it keeps the service process and `wandb.init` in agreement.
         os.environ["WANDB_MODE"] = mode
+        # One W&B run per run directory: a restart (requeue, ckpt_path=last) continues the same run id, and its
+        # curves continue on trainer/global_step (WandbLogger's step metric), which the checkpoint restores.
         logger = WandbLogger(
             project=project, entity=entity, name=identity.name, group=identity.group, tags=identity.tags,
-            save_dir=str(run_dir), job_type="train", config=config,
+            save_dir=str(run_dir), job_type="train", config=config, id=wandb_run_id(run_dir), resume="allow",
         )
         loggers.append(logger)
     if csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="csv", version=""))
     return loggers
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of `run_dir`: made on its first start and kept in `<run_dir>/wandb_run_id` (written
+    atomically, so ranks starting together agree on whichever landed first)."""
+    import secrets
+
+    path = Path(run_dir) / "wandb_run_id"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".wandb_run_id.{os.getpid()}")
+        tmp.write_text(secrets.token_hex(4) + "\n")
+        try:
+            os.link(tmp, path)  # fails if another process made it first: theirs wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
 
 
 @rank_zero_only  # other ranks hold a stand-in W&B run
@@ -75,3 +143,16 @@ def record_summary(loggers: Sequence[Logger], values: dict[str, Any]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.summary.update(values)
+
+
+def close_loggers(loggers: Sequence[Logger], *, success: bool, preempted: bool = False) -> None:
+    """Flush every logger and close the W&B run (Lightning's WandbLogger.finalize leaves it open until the process
+    exits, and a run left open is reused by the next WandbLogger of the process). `preempted`: W&B marks the run
+    preempting (it resumes under the same id)."""
+    for logger in loggers:
+        logger.finalize("success" if success else "failed")
+        if isinstance(logger, WandbLogger) and logger._experiment is not None and rank_zero_only.rank == 0:
+            if preempted:
+                logger.experiment.mark_preempting()
+            logger.experiment.finish(exit_code=0 if success else 1)
+            logger._experiment = None  # a later use starts (resumes) the run again instead of logging to a closed one

@@ -14,6 +14,7 @@ by a good one (`valid=False`) and counted in `bad`, so shapes never change.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -144,9 +145,9 @@ class ShardStream(IterableDataset):
         stream = resume_streams(self.window_batches, workers, done)[worker]
         if self._cache is None:
             self._cache = ShardIndexCache()
-        return self._batches(epoch, stream, reseed=info is not None)
+        return self._batches(epoch, stream, in_worker=info is not None)
 
-    def _batches(self, epoch: int, stream: list[BatchRef], reseed: bool) -> Iterator[dict]:
+    def _batches(self, epoch: int, stream: list[BatchRef], in_worker: bool) -> Iterator[dict]:
         layout, windows = self.layout(epoch), self.windows(epoch)
         health = _Health(self.max_bad_fraction * self.num_samples, self.split)
         for w, refs in groupby(stream, key=lambda ref: ref[0]):
@@ -155,10 +156,16 @@ class ShardStream(IterableDataset):
             items = list(zip(windows[w].positions[first:end], windows[w].valid[first:end]))
             records = self._read(layout, items, health)
             for i, b in enumerate(batches):
-                if reseed and self.train:
-                    _seed_all(augment_seed(self.seed, epoch, self.rank, w, b))
                 chunk = items[i * self.batch_size : (i + 1) * self.batch_size]
-                yield self._build(chunk, records, health, layout)
+                if not self.train:
+                    yield self._build(chunk, records, health, layout)
+                    continue
+                # Augmentation draws depend on the batch only, not on the worker that makes it. In the main process
+                # (num_workers=0) the training's own RNG stream (dropout, mixup) is put back afterwards, so loading
+                # a batch draws nothing from it, as with workers.
+                with _batch_seeded(augment_seed(self.seed, epoch, self.rank, w, b), keep_global=not in_worker):
+                    batch = self._build(chunk, records, health, layout)
+                yield batch
             del records  # a worker holds one window's raw bytes at a time
 
     def _read(self, layout: EpochLayout, items: list[tuple[int, bool]], health: _Health) -> dict[int, tuple]:
@@ -256,11 +263,20 @@ class _Health:
             )
 
 
-def _seed_all(seed: int) -> None:
-    # Worker processes only: random augmentation then depends on the batch, not on which worker made it.
+@contextlib.contextmanager
+def _batch_seeded(seed: int, *, keep_global: bool):
+    """Python's, numpy's and torch's global RNGs seeded for one batch; with `keep_global`, restored afterwards."""
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if keep_global else None
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: augmentation runs on the CPU, CUDA's is left
+    try:
+        yield
+    finally:
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
 
 
 def _stack(images: list[np.ndarray]) -> torch.Tensor:
@@ -324,6 +340,10 @@ class ShardLoader(DataLoader):
             persistent_workers=persistent_workers and num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             worker_init_fn=_single_threaded_worker,
+            # Each iter() draws the workers' base seed; from the global generator, that draw would shift what
+            # dropout and mixup draw next, and a resumed run starts its iterator at another point than the run it
+            # continues. (The workers reseed per batch from the stream's own seed anyway.)
+            generator=torch.Generator().manual_seed(stream.seed),
         )
         self._position = position
         self._epoch = 0

@@ -19,3 +19,27 @@ class PreemptAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             raise Preemption(f"preempted at step {trainer.global_step}")
+
+
+class PreemptBeforeValidation(Callback):
+    """Kills the run when its first validation starts: after the checkpoint of the epoch's last batch, before the
+    epoch's validation and end-of-epoch checkpoint (a run resumed from there has finished its epoch's batches but
+    not the epoch)."""
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            raise Preemption(f"preempted before validation at step {trainer.global_step}")
+
+
+class SignalAt(Callback):
+    """Sends the training process `signum` once, after `step` optimizer steps (as `scancel --signal=USR1` would)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and not self.sent:
+            import os
+
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

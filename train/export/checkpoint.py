@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from train.export.artifacts import DATA_CONFIG_KEYS, ExportError, ExportReport, export_model
+from train.quant.backend import PTQ_OBSERVERS
 
 CHECKPOINT_KEYS = ("state_dict", "run_config", "dataset", "data_config")
 NETWORK_PREFIX = "model."
@@ -54,10 +55,14 @@ def export_quantized(
     data_root: str | os.PathLike | None = None,
     batch_size: int = 128,
     num_workers: int = 4,
+    latency: bool | None = None,
+    ptq_observer: str | None = None,
 ):
     """The float export plus model_int8.pte / model_int8.onnx measured in their runtimes: from a QAT checkpoint
     (its fake-quant network), or with `ptq` from a float one (calibrated on `calib_batches` training batches with the
-    eval preprocessing). Returns (ExportReport, Int8Report)."""
+    eval preprocessing). `latency` and `ptq_observer`, unless None, replace the run's quant.latency (batch-1 CPU
+    latency in each runtime) and quant.ptq_observer (how calibration sets activation ranges).
+    Returns (ExportReport, Int8Report)."""
     from train.quant.recipe import PTQNetwork, export_int8, float_model
 
     ckpt_path = Path(ckpt_path)
@@ -65,7 +70,10 @@ def export_quantized(
     run_config = ckpt["run_config"]
     name, label_names = run_config["model"]["name"], list(ckpt["dataset"]["label_names"])
     data_config, img_size = ckpt["data_config"], int(ckpt["data_config"]["input_size"][-1])
-    quant = run_config.get("quant") or _default_quant()
+    quant = {**_default_quant(), **(run_config.get("quant") or {})}  # keys a checkpoint predates: the defaults
+    for key, value in (("latency", latency), ("ptq_observer", ptq_observer)):  # the command line's, over the run's
+        if value is not None:
+            quant[key] = value
     state = network_state(ckpt["state_dict"])
     if run_config.get("qat"):
         if ptq:
@@ -89,7 +97,8 @@ def export_quantized(
                                        split="train"),
                       mean=data_config["mean"], std=data_config["std"], limit=calib_batches)
     int8 = export_int8(net, model, out, loader, img_size=img_size, mean=data_config["mean"], std=data_config["std"],
-                       num_classes=len(label_names), min_agreement=quant["min_agreement"])
+                       num_classes=len(label_names), min_agreement=quant["min_agreement"],
+                       max_top1_drop=float(quant["max_top1_drop"]), latency=bool(quant["latency"]))
     return report, int8
 
 
@@ -241,6 +250,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ptq", action="store_true",
                         help="also post-training int8 exports (model_int8.pte, model_int8.onnx) of a float checkpoint")
     parser.add_argument("--calib-batches", type=int, default=32, help="PTQ: training batches to calibrate on")
+    parser.add_argument("--ptq-observer", choices=list(PTQ_OBSERVERS), default=None,
+                        help="PTQ: how calibration sets activation ranges (default: the run's quant.ptq_observer)")
+    parser.add_argument("--no-latency", dest="latency", action="store_const", const=False, default=None,
+                        help="int8: skip the batch-1 CPU latency figures (default: the run's quant.latency)")
     return parser.parse_args(argv)
 
 
@@ -257,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ptq or qat:
             report, int8 = export_quantized(args.ckpt, ptq=args.ptq, calib_batches=args.calib_batches,
                                             out_dir=args.out, data_root=args.data_root, batch_size=args.batch_size,
-                                            num_workers=args.num_workers)
+                                            num_workers=args.num_workers, latency=args.latency,
+                                            ptq_observer=args.ptq_observer)
         else:
             report = export_checkpoint(args.ckpt, out_dir=args.out, data_root=args.data_root,
                                        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)

@@ -26,12 +26,23 @@ def require(module: str) -> Any:
         raise QuantError(f"qat / int8 export needs {module.split('.')[0]} ({e}): {INSTALL_HINT}") from None
 
 
-def quantizer(backend: str, *, weight_bits: int, qat: bool):
-    """The PT2E quantizer of `backend` (only `xnnpack` so far)."""
+# PTQ activation observers (quant.ptq_observer). ExecuTorch's own choice for PTQ is the histogram observer, whose
+# range search fails on outliers: on MNv4-Conv-S, one calibration image drove the head's activation range to 666
+# (others stay below 3) and the int8 model collapsed to chance (bench.qat_evidence); a moving average of each batch's
+# min/max kept it within 0.1 point of float.
+PTQ_OBSERVERS = {"moving_average": "MovingAverageMinMaxObserver", "minmax": "MinMaxObserver",
+                 "histogram": "HistogramObserver"}
+
+
+def quantizer(backend: str, *, weight_bits: int, qat: bool, ptq_observer: str | None = None):
+    """The PT2E quantizer of `backend` (only `xnnpack` so far). `ptq_observer` (PTQ only; None: the backend's
+    own) chooses how calibration sets the activation ranges."""
     if backend != "xnnpack":
         raise QuantError(f"quant.backend={backend!r}: only xnnpack (ExecuTorch's XNNPACK quantizer) is supported")
     if weight_bits not in (7, 8):
         raise QuantError(f"quant.weight_bits must be 8 or 7 (7: onnxruntime on x86 without VNNI), got {weight_bits}")
+    if ptq_observer is not None and ptq_observer not in PTQ_OBSERVERS:
+        raise QuantError(f"quant.ptq_observer={ptq_observer!r}: choose one of {', '.join(PTQ_OBSERVERS)}")
     xnn = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
     require("torchao.quantization.pt2e.quantize_pt2e")
     from train.quant.patterns import cache_pattern_graphs
@@ -40,4 +51,12 @@ def quantizer(backend: str, *, weight_bits: int, qat: bool):
     limit = 2 ** (weight_bits - 1) - 1
     config = xnn.get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, weight_qmin=-limit,
                                                    weight_qmax=limit)
+    if ptq_observer is not None and not qat:
+        import dataclasses
+
+        observers = require("torchao.quantization.pt2e.observer")
+        ctr = getattr(observers, PTQ_OBSERVERS[ptq_observer]).with_args(eps=2**-12)  # XNNPACK's eps
+        config = dataclasses.replace(config, **{
+            k: dataclasses.replace(getattr(config, k), observer_or_fake_quant_ctr=ctr)
+            for k in ("input_activation", "output_activation")})
     return xnn.XNNPACKQuantizer().set_global(config)

@@ -225,10 +225,12 @@ def measure(models: Mapping[str, Callable[[Tensor], Tensor]], reference: str, ba
 
 def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module | None, float_model: nn.Module, out_dir: Path,
            batches: Iterable, *, img_size: int, mean: Sequence[float], std: Sequence[float], num_classes: int,
-           min_agreement: Mapping[str, float]) -> Int8Report:
+           min_agreement: Mapping[str, float], max_top1_drop: float, latency: bool) -> Int8Report:
     """Convert the prepared `graph`, write both int8 files into `out_dir`, and measure the float model, the
     fake-quant one (`fake_quant`: the QAT network; None for PTQ, whose calibrated graph computes in float), int8
-    PyTorch and each runtime."""
+    PyTorch and each runtime (with `latency`, also batch-1 CPU latency of float and int8 in each runtime). A runtime
+    below its `min_agreement`, or an int8 model more than `max_top1_drop` points of top-1 below the float one, is a
+    failure in the report."""
     out_dir = Path(out_dir)
     converted = convert(graph)
     pte, onnx_path = out_dir / PTE_FILE, out_dir / ONNX_FILE
@@ -256,8 +258,14 @@ def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module | None, float_mode
         if agree < float(min_agreement[name]):
             report.failures.append(f"{name}: top-1 agreement with the PyTorch int8 model {agree:.1f}% is below "
                                    f"quant.min_agreement.{name}={min_agreement[name]}% (max |logit diff| {diff:.3g})")
+    drop = metrics["float_top1"] - metrics["int8_torch_top1"]
+    if drop > float(max_top1_drop):  # every runtime may agree with an int8 model that has collapsed
+        report.failures.append(f"int8: the PyTorch int8 model's top-1 {metrics['int8_torch_top1']:.2f}% is {drop:.2f} "
+                               f"points below the float model's {metrics['float_top1']:.2f}% (quant.max_top1_drop="
+                               f"{max_top1_drop})")
     metrics["size_mb"] = {"int8_pte": pte.stat().st_size / 1e6, "int8_onnx": onnx_path.stat().st_size / 1e6}
-    metrics["latency_ms"] = _latencies(float_model, converted, runners, img_size, out_dir)
+    if latency:
+        metrics["latency_ms"] = _latencies(float_model, converted, runners, img_size, out_dir)
     metrics["pte_max_batch"] = runners["pte"].max_batch
     for failure in report.failures:
         log.error("int8 export: %s", failure)

@@ -53,11 +53,15 @@ class FakeQuantNetwork(nn.Module):
     # --------------------------------------------------------------------------------------- nn.Module behaviour
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training != self._graph_training:
+            # Someone set the flag without calling train(): Lightning restores each module's `training` attribute
+            # directly after validation. The exported graph has no modes of its own, so switch it here.
+            self.train(self.training)
         return self.graph(x)
 
     def train(self, mode: bool = True) -> FakeQuantNetwork:
         pt2e = _pt2e()
-        self.training = mode
+        self.training = self._graph_training = mode
         (pt2e.move_exported_model_to_train if mode else pt2e.move_exported_model_to_eval)(self.graph)
         dropouts = self._nodes("dropout")
         if len(dropouts) != len(self._dropout_p):

@@ -106,7 +106,7 @@ def float_model(net: FakeQuantNetwork, name: str, num_classes: int) -> nn.Module
 
 def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export_dir: Path, batches: Iterable, *,
                 img_size: int, mean: Sequence[float], std: Sequence[float], num_classes: int,
-                min_agreement: Mapping[str, float]):
+                min_agreement: Mapping[str, float], max_top1_drop: float, latency: bool):
     """model_int8.pte / model_int8.onnx into `export_dir` (beside the float export) and their measurements merged
     into its metrics.json; returns the `Int8Report`."""
     import shutil
@@ -122,7 +122,8 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
         net = net.cpu()
         fake_quant = None if isinstance(net, PTQNetwork) else net  # a calibrated PTQ graph computes in float
         report = deploy(net.graph, fake_quant, float_net.cpu(), stage, batches, img_size=img_size, mean=mean,
-                        std=std, num_classes=num_classes, min_agreement=min_agreement)
+                        std=std, num_classes=num_classes, min_agreement=min_agreement, max_top1_drop=max_top1_drop,
+                        latency=latency)
         metrics_file = export_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         metrics.update(report.metrics, int8_failures=report.failures)
@@ -146,7 +147,8 @@ class PTQNetwork(nn.Module):
     def __init__(self, model: nn.Module, *, img_size: int, quant: Mapping[str, Any]) -> None:
         super().__init__()
         quantize = require("torchao.quantization.pt2e.quantize_pt2e")
-        q = quantizer(str(quant["backend"]), weight_bits=int(quant["weight_bits"]), qat=False)
+        q = quantizer(str(quant["backend"]), weight_bits=int(quant["weight_bits"]), qat=False,
+                      ptq_observer=str(quant["ptq_observer"]))
         self.graph = quantize.prepare_pt2e(export_graph(model.eval(), torch.randn(2, 3, img_size, img_size)), q)
 
     def calibrate(self, batches: Iterable, *, mean: Sequence[float], std: Sequence[float], limit: int) -> int:

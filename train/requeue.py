@@ -1,0 +1,134 @@
+"""Preemption and time limits: a signal becomes a checkpoint at the next safe point, a closed log, and a requeue.
+
+Slurm sends a signal ahead of a job's time limit (`--signal=USR1@T`; submitit and so the Hydra SLURM launcher send
+USR2) or on preemption; `scancel --signal=USR1 JOB` sends one by hand. The handler only records it. At the next
+point where every rank can stop together (the end of a training batch that no validation follows, or the end of
+a validation), the ranks agree (a sum over ranks: one rank signalled is enough), then:
+  1. `checkpoints/last.ckpt` is written atomically, with everything a resumed run needs (weights, optimizer,
+     scheduler, EMA, data position, every rank's RNG states, best metrics, bad-sample counters);
+  2. the loggers are flushed and the W&B run is marked preempting and finished: a requeue's SIGTERM would otherwise
+     kill W&B's service with everything logged in this segment (../shared/research/slurm.md);
+  3. under Slurm, rank 0 requeues the job (`scontrol requeue`), which keeps its id, so the next start finds the
+     same run directory and resumes from `last.ckpt` by itself (`ckpt_path=auto`);
+  4. the run stops with `Requeued` (`python -m train` exits 0 with one line saying so).
+
+Lightning's own SLURM auto-requeue is switched off (it saves from inside the signal handler, mid-step, on each rank
+separately, into `hpc_ckpt_*.ckpt`); `ckpt_path=auto` still resumes from such a file if it is the newest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+
+from train.callbacks import validation_follows
+from train.tracking import close_loggers
+
+log = logging.getLogger(__name__)
+
+
+class Requeued(Exception):
+    """The run stopped on a signal after checkpointing (and, under Slurm, requeued its job)."""
+
+
+class RequeueOnSignal(Callback):
+    def __init__(self, checkpoint: Path, *, signals: Sequence[str], requeue: bool) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.signals = [_signal(name) for name in signals]
+        self.requeue = requeue
+        self._received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------------------------------------ signals
+
+    def _install(self) -> None:
+        # At train start: after Lightning's signal connector took its snapshot of the handlers (its teardown puts
+        # that snapshot back, so ours must not be in it).
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread (e.g. not in a notebook worker)
+        for sig in self.signals:
+            self._previous.setdefault(sig, signal.signal(sig, self._record))
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()  # Lightning skips teardown when the run raises (Requeued included)
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self._received = signum  # nothing else here: the training step is somewhere in the middle
+
+    # ------------------------------------------------------------------------------------------------ stopping
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install()
+        if trainer.ckpt_path and trainer.is_global_zero:
+            log.info("resumed from %s at step %d (epoch %d)", trainer.ckpt_path, trainer.global_step,
+                     trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # After a batch that a validation follows, the checkpoint waits for that validation (see StepCheckpoint).
+        if not validation_follows(trainer, batch_idx):
+            self._stop_if_signalled(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._stop_if_signalled(trainer, pl_module)
+
+    def _stop_if_signalled(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        mine = torch.tensor(0 if self._received is None else 1, device=pl_module.device)
+        if int(trainer.strategy.reduce(mine, reduce_op="sum")) == 0:
+            return
+        name = signal.Signals(self._received).name if self._received is not None else "a signal on another rank"
+        trainer.save_checkpoint(self.checkpoint)  # every rank: each adds its RNG states; rank 0 writes
+        if trainer.is_global_zero:
+            log.info("%s: checkpoint %s at step %d (epoch %d)", name, self.checkpoint, trainer.global_step,
+                     trainer.current_epoch)
+        close_loggers(trainer.loggers, success=True, preempted=True)
+        job = _slurm_job()
+        if self.requeue and job and trainer.is_global_zero:
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if done.returncode:
+                log.error("scontrol requeue %s failed (%s): resume by hand with ckpt_path=auto in the same run dir",
+                          job, done.stderr.strip())
+            else:
+                log.info("requeued Slurm job %s: it resumes from %s", job, self.checkpoint)
+        raise Requeued(f"stopped on {name} at step {trainer.global_step}; checkpoint {self.checkpoint}")
+
+
+def _signal(name: str) -> int:
+    try:
+        return int(getattr(signal, name if name.startswith("SIG") else f"SIG{name}"))
+    except AttributeError:
+        raise ValueError(f"callbacks.requeue.signals: {name!r} is not a signal (e.g. SIGUSR1, SIGUSR2)") from None
+
+
+def _slurm_job() -> str | None:
+    """The job id `scontrol requeue` takes (an array task's own id)."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`auto`: the newest of `<run dir>/checkpoints/last.ckpt` and Lightning's `<run dir>/hpc_ckpt_*.ckpt`, or None
+    (a fresh start) when there is none; anything else is Lightning's (`last`, a path, None)."""
+    if ckpt_path != "auto":
+        return ckpt_path
+    found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
