@@ -28,6 +28,8 @@ def run(root: Path, run_dir: Path, *overrides: str, callbacks=()) -> dict[str, f
             "model.drop_rate=0.2", "model.drop_path_rate=0.1", "aug.mixup.mixup_alpha=0.8",
             "aug.mixup.cutmix_alpha=1.0", "ema.decay=0.9",
             "callbacks.checkpoint.every_n_train_steps=1", "callbacks.progress_bar=false",
+            # Rows on odd steps: a stop after batch 5 (step 6) must first log that batch's row (step 5).
+            "trainer.log_every_n_steps=2",
             "logger.wandb.enabled=false", "export=false", *overrides,
         ])
     return train(cfg, callbacks=callbacks)

@@ -84,13 +84,13 @@ class RequeueOnSignal(Callback):
                            batch_idx: int) -> None:
         # After a batch that a validation follows, the checkpoint waits for that validation (see StepCheckpoint).
         if not validation_follows(trainer, batch_idx):
-            self._stop_if_signalled(trainer, pl_module)
+            self._stop_if_signalled(trainer, pl_module, log_this_batch=True)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._stop_if_signalled(trainer, pl_module)
+            self._stop_if_signalled(trainer, pl_module, log_this_batch=False)
 
-    def _stop_if_signalled(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _stop_if_signalled(self, trainer: Trainer, pl_module: LightningModule, *, log_this_batch: bool) -> None:
         mine = torch.tensor(0 if self._received is None else 1, device=pl_module.device)
         if int(trainer.strategy.reduce(mine, reduce_op="sum")) == 0:
             return
@@ -99,6 +99,10 @@ class RequeueOnSignal(Callback):
         if trainer.is_global_zero:
             log.info("%s: checkpoint %s at step %d (epoch %d)", name, self.checkpoint, trainer.global_step,
                      trainer.current_epoch)
+        if log_this_batch:
+            # Lightning sends a batch's metrics to the loggers after on_train_batch_end; stopping here would lose
+            # that row (the resumed run starts at the next batch), so send it as the loop would have.
+            trainer._logger_connector.update_train_step_metrics()
         close_loggers(trainer.loggers, success=True, preempted=True)
         job = _slurm_job()
         if self.requeue and job and trainer.is_global_zero:
