@@ -34,7 +34,7 @@ from tqdm import tqdm
 from data_pipes.image.decode import resize
 from data_pipes.image.views import checksum
 from data_pipes.shards.metadata import INFO_FILE, read_info
-from data_pipes.stream.loader import _single_threaded_worker
+from data_pipes.stream.loader import init_loader_worker
 from data_pipes.stream.mixture import SourceReader
 from distill.kdset import (
     BUILD_FILE,
@@ -354,7 +354,7 @@ def _label(todo: list[Task], sources: list[SourceConfig], teacher: Teacher, kd: 
     renderer = ViewRenderer(sources, todo, int(kd["seed"]), teacher.img_size, teacher.interpolation,
                             int(b["batch_size"]), int(b["checks_per_block"]), kd["storage"])
     loader = DataLoader(renderer, batch_size=None, num_workers=int(b["num_workers"]),
-                        worker_init_fn=_single_threaded_worker, pin_memory=device.type == "cuda")
+                        worker_init_fn=init_loader_worker, pin_memory=device.type == "cuda")
     writers: dict[int, BlockWriter] = {}
     total = sum(sources[t.source].replicas * _block_members(sources[t.source], t.block) for t in todo)
     bar = tqdm(total=total, unit="view", desc="distill.build", smoothing=0.05, mininterval=2,

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipes.image.augment import build_eval_transform
-from data_pipes.stream.loader import _single_threaded_worker
+from data_pipes.stream.loader import init_loader_worker
 from data_pipes.stream.mixture import SourceReader, source_blocks
 from distill.kdset import KDSetError, read_json, write_atomic, write_json
 from distill.teacher import Teacher
@@ -131,7 +131,7 @@ def score(selector: Teacher, shards: Sequence[tuple[Path, int]], directory: Path
     selector.to(device)
     renderer = ScoreRenderer(blocks, todo, selector.img_size, float(selector.data_config["crop_pct"]),
                              selector.interpolation, batch_size)
-    loader = DataLoader(renderer, batch_size=None, num_workers=num_workers, worker_init_fn=_single_threaded_worker)
+    loader = DataLoader(renderer, batch_size=None, num_workers=num_workers, worker_init_fn=init_loader_worker)
     pending: dict[int, np.ndarray] = {}
     filled: dict[int, int] = {}
     start, images = time.time(), 0

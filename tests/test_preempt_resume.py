@@ -119,3 +119,43 @@ def test_a_signalled_run_closes_its_wandb_segment_and_the_restart_continues_the_
     # Offline W&B writes one folder per start; both carry the run dir's id (`wandb sync` uploads them as one run).
     segments = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(s.name.endswith(f"-{run_id}") for s in segments), segments
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_step_and_stops_without_a_requeue_and_auto_resumes_by_hand(
+        tmp_path, synthetic_shards, uninterrupted):
+    from train.requeue import Requeued, Stopped
+
+    a_dir, a_metrics = uninterrupted
+    with pytest.raises(Stopped, match="stopped on SIGTERM at step 6.*not requeued") as stopped:
+        run(synthetic_shards, tmp_path, callbacks=[SignalAt(5, signal.SIGTERM)])  # what `scancel JOB` sends
+    assert not isinstance(stopped.value, Requeued) and stopped.value.signum == signal.SIGTERM
+    assert last(tmp_path)["global_step"] == 6
+    resumed = run(synthetic_shards, tmp_path)
+    a, b = last(a_dir), last(tmp_path)
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert resumed["val/acc1"] == a_metrics["val/acc1"]
+    assert logged(tmp_path, "train/loss") == logged(a_dir, "train/loss")
+
+
+@pytest.mark.slow
+def test_a_requeue_signal_a_launcher_handled_before_the_run_goes_back_to_that_handler_after_the_checkpoint(
+        tmp_path, synthetic_shards):
+    from train.requeue import Requeued
+
+    # submitit installs its USR2 handler before it calls the training function (it requeues and resubmits the
+    # pickled job itself); the run checkpoints first, then hands the signal over.
+    calls = []
+
+    def launchers_handler(signum, frame):
+        calls.append((signum, (tmp_path / "checkpoints" / "last.ckpt").is_file()))
+
+    previous = signal.signal(signal.SIGUSR2, launchers_handler)
+    try:
+        with pytest.raises(Requeued, match="stopped on SIGUSR2 at step 3"):
+            run(synthetic_shards, tmp_path, "trainer.max_epochs=1", callbacks=[SignalAt(2, signal.SIGUSR2)])
+        assert calls == [(signal.SIGUSR2, True)]  # once, after last.ckpt was written
+        assert signal.getsignal(signal.SIGUSR2) is launchers_handler  # the launcher's handler is back
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import hydra
@@ -18,14 +19,19 @@ def main(cfg: DictConfig) -> None:
     from distill.teacher import TeacherError
     from train.models import ModelConfigError
     from train.quant.backend import QuantError
-    from train.requeue import Requeued
+    from train.requeue import Requeued, Stopped
     from train.run import train
 
     try:
         train(cfg)
     except Requeued as e:  # checkpointed (and requeued under Slurm): not a failure
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM: we are leaving anyway
         log.info("%s", e)
         return
+    except Stopped as e:  # checkpointed on SIGTERM: the exit status a process killed by that signal would have
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log.warning("%s", e)
+        sys.exit(128 + (e.signum or signal.SIGTERM))
     except (DatasetError, ModelConfigError, TeacherError, KDSetError, QuantError, NotImplementedError) as e:
         # Bad input, not a bug: say what is wrong and how to fix it, without a stack trace.
         log.error("%s", e)

@@ -6,11 +6,22 @@ point where every rank can stop together (the end of a training batch that no va
 a validation), the ranks agree (a sum over ranks: one rank signalled is enough), then:
   1. `checkpoints/last.ckpt` is written atomically, with everything a resumed run needs (weights, optimizer,
      scheduler, EMA, data position, every rank's RNG states, best metrics, bad-sample counters);
-  2. the loggers are flushed and the W&B run is marked preempting and finished: a requeue's SIGTERM would otherwise
-     kill W&B's service with everything logged in this segment (../shared/research/slurm.md);
-  3. under Slurm, rank 0 requeues the job (`scontrol requeue`), which keeps its id, so the next start finds the
-     same run directory and resumes from `last.ckpt` by itself (`ckpt_path=auto`);
+  2. the loggers get the batch's row and are flushed, and the W&B run is marked preempting and finished: a
+     requeue's SIGTERM would otherwise kill W&B's service with everything logged in this segment
+     (../shared/research/slurm.md);
+  3. under Slurm the job is requeued, keeping its id, so the next start finds the same run directory and resumes
+     from `last.ckpt` by itself (`ckpt_path=auto`). If a launcher owned the signal before the run (submitit, under
+     the Hydra SLURM launcher), its own handler does the requeue (it also resubmits its pickled job and exits);
+     otherwise rank 0 runs `scontrol requeue`;
   4. the run stops with `Requeued` (`python -m train` exits 0 with one line saying so).
+
+Stop signals (SIGTERM: `scancel JOB`, `kill PID`, preemption without a warning signal) take steps 1 and 2 and stop
+with `Stopped`, without a requeue: `ckpt_path=auto` in the same run dir resumes by hand. Slurm SIGKILLs a job
+`KillWait` seconds (default 30) after its SIGTERM; if the next safe point is further away, the periodic
+`last.ckpt` (`callbacks.checkpoint.every_n_train_steps`) is what survives.
+
+Slurm signals every process of a job step, loader workers included: they ignore these signals
+(`data_pipes.stream.loader.init_loader_worker`), so they are still there when the trainer reaches its checkpoint.
 
 Lightning's own SLURM auto-requeue is switched off (it saves from inside the signal handler, mid-step, on each rank
 separately, into `hpc_ckpt_*.ckpt`); `ckpt_path=auto` still resumes from such a file if it is the newest.
@@ -36,14 +47,27 @@ from train.tracking import close_loggers
 log = logging.getLogger(__name__)
 
 
-class Requeued(Exception):
-    """The run stopped on a signal after checkpointing (and, under Slurm, requeued its job)."""
+class Stopped(Exception):
+    """The run stopped on a signal after checkpointing; `signum` is the signal."""
+
+    def __init__(self, message: str, signum: int | None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class Requeued(Stopped):
+    """The run stopped on a requeue signal after checkpointing (and, under Slurm, its job was requeued)."""
 
 
 class RequeueOnSignal(Callback):
-    def __init__(self, checkpoint: Path, *, signals: Sequence[str], requeue: bool) -> None:
+    def __init__(self, checkpoint: Path, *, signals: Sequence[str], stop_signals: Sequence[str] = (),
+                 requeue: bool) -> None:
         self.checkpoint = Path(checkpoint)
         self.signals = [_signal(name) for name in signals]
+        self.stop_signals = [_signal(name) for name in stop_signals]
+        if overlap := set(self.signals) & set(self.stop_signals):
+            raise ValueError(f"callbacks.requeue: {sorted(signal.Signals(s).name for s in overlap)} is in both "
+                             f"`signals` (checkpoint and requeue) and `stop_signals` (checkpoint and stop): keep one")
         self.requeue = requeue
         self._received: int | None = None
         self._previous: dict[int, Any] = {}
@@ -55,7 +79,7 @@ class RequeueOnSignal(Callback):
         # that snapshot back, so ours must not be in it).
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread (e.g. not in a notebook worker)
-        for sig in self.signals:
+        for sig in [*self.signals, *self.stop_signals]:
             self._previous.setdefault(sig, signal.signal(sig, self._record))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -69,8 +93,20 @@ class RequeueOnSignal(Callback):
             signal.signal(sig, previous)
         self._previous.clear()
 
+    def _ignore_sigterm(self) -> None:
+        # Everything is saved. The SIGTERM of a requeue (or of the scancel being answered) reaches every rank in a
+        # moment: let the ranks tear down and exit, rather than Lightning's SIGTERM handler (which _restore would
+        # put back) starting a broadcast with ranks that are already gone. Lightning's teardown restores the
+        # process's original handler afterwards.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self._previous.pop(signal.SIGTERM, None)
+
     def _record(self, signum: int, frame: Any) -> None:
-        self._received = signum  # nothing else here: the training step is somewhere in the middle
+        # Nothing else here: the training step is somewhere in the middle. A requeue signal wins over a stop signal
+        # (a requeue's own SIGTERM can arrive before the stop it asked for).
+        if self._received is None or signum in self.signals:
+            self._received = signum
 
     # ------------------------------------------------------------------------------------------------ stopping
 
@@ -91,9 +127,13 @@ class RequeueOnSignal(Callback):
             self._stop_if_signalled(trainer, pl_module, log_this_batch=False)
 
     def _stop_if_signalled(self, trainer: Trainer, pl_module: LightningModule, *, log_this_batch: bool) -> None:
-        mine = torch.tensor(0 if self._received is None else 1, device=pl_module.device)
-        if int(trainer.strategy.reduce(mine, reduce_op="sum")) == 0:
+        # Ranks that got a requeue signal, ranks that got a stop signal (one requeue request outweighs any stops).
+        mine = [self._received in self.signals, self._received in self.stop_signals]
+        requeues, stops = trainer.strategy.reduce(torch.tensor(mine, dtype=torch.int64, device=pl_module.device),
+                                                  reduce_op="sum").tolist()
+        if requeues + stops == 0:
             return
+        requeue = requeues > 0
         name = signal.Signals(self._received).name if self._received is not None else "a signal on another rank"
         trainer.save_checkpoint(self.checkpoint)  # every rank: each adds its RNG states; rank 0 writes
         if trainer.is_global_zero:
@@ -104,15 +144,26 @@ class RequeueOnSignal(Callback):
             # that row (the resumed run starts at the next batch), so send it as the loop would have.
             trainer._logger_connector.update_train_step_metrics()
         close_loggers(trainer.loggers, success=True, preempted=True)
-        job = _slurm_job()
-        if self.requeue and job and trainer.is_global_zero:
+        self._ignore_sigterm()
+        message = f"stopped on {name} at step {trainer.global_step}; checkpoint {self.checkpoint}"
+        if not requeue:
+            raise Stopped(f"{message} (not requeued: resume with ckpt_path=auto in this run dir)", self._received)
+        launchers = self._previous.get(self._received) if self._received in self.signals else None
+        if self.requeue and callable(launchers):
+            # submitit's handler: rank 0 pickles the job's resubmission, runs `scontrol requeue` and exits (so the
+            # sweep waits for the requeued job instead of reading this segment as its result); others return.
+            log.info("handing %s to the launcher's handler (%s) to requeue", name, getattr(launchers, "__qualname__",
+                                                                                         launchers))
+            self._restore()
+            launchers(self._received, None)
+        elif self.requeue and (job := _slurm_job()) and trainer.is_global_zero:
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             if done.returncode:
                 log.error("scontrol requeue %s failed (%s): resume by hand with ckpt_path=auto in the same run dir",
                           job, done.stderr.strip())
             else:
                 log.info("requeued Slurm job %s: it resumes from %s", job, self.checkpoint)
-        raise Requeued(f"stopped on {name} at step {trainer.global_step}; checkpoint {self.checkpoint}")
+        raise Requeued(message, self._received)
 
 
 def _signal(name: str) -> int:

@@ -19,6 +19,7 @@ from data_pipes.image.augment import build_eval_transform, build_train_transform
 from data_pipes.shards.metadata import DatasetInfo
 from data_pipes.shards.prepare import prepare_dataset
 from data_pipes.stream.datamodule import ShardDataModule
+from train import topology
 from train.callbacks import AtomicCheckpointIO, RunRecord, build_callbacks
 from train.models import check_img_size, check_model_name, count_macs, create_model
 from train.module import ImageClassifier
@@ -68,8 +69,9 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
                                 ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup, record=record,
                                 has_logger=bool(loggers),
                                 progress_refresh=cfg.trainer.log_every_n_steps if cfg.callbacks.progress_bar else None)
-    requeue = RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt", signals=list(cfg.callbacks.requeue.signals),
-                              requeue=cfg.callbacks.requeue.requeue)
+    signals = cfg.callbacks.requeue
+    requeue = RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt", signals=list(signals.signals),
+                              stop_signals=list(signals.stop_signals), requeue=signals.requeue)
     trainer = L.Trainer(**_trainer_kwargs(cfg), default_root_dir=run_dir, logger=loggers or False,
                         callbacks=[*run_callbacks, *datamodule.callbacks(), *_qat_callbacks(cfg), requeue, *callbacks],
                         enable_progress_bar=cfg.callbacks.progress_bar, plugins=_plugins())
@@ -205,6 +207,7 @@ def _batch_mixing(cfg: DictConfig, info: DatasetInfo):
 
 def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kwargs = {k: v for k, v in _plain(cfg.trainer).items() if v is not None}
+    kwargs["num_nodes"], kwargs["devices"] = topology.resolve(kwargs["num_nodes"], kwargs["devices"])
     if cfg.qat:  # fake quantization simulates int8 arithmetic in fp32; observers see fp32 ranges
         if kwargs.get("precision") not in ("auto", "32", "32-true"):
             raise QuantError(f"qat=true trains in fp32; trainer.precision={kwargs.get('precision')} would change "

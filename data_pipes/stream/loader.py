@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from itertools import groupby
 from pathlib import Path
@@ -308,10 +309,18 @@ def _collate(images: list, targets: list, keys: list, valid: list, bad_keys: lis
     }
 
 
-def _single_threaded_worker(worker_id: int) -> None:
+# What a cluster sends to every process of a job (slurmstepd signals the whole process tree, loader workers too):
+# the training process checkpoints on them at its next safe step (train/requeue.py), which needs its workers alive.
+JOB_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def init_loader_worker(worker_id: int) -> None:
     # torch runs one thread per loader worker; OpenCV (resizes, albumentations kernels) would otherwise start a
     # thread pool per worker sized to the whole machine, and the workers' pools then fight over the cores.
     cv2.setNumThreads(0)
+    # A worker ends with its loader (or when it sees its parent gone); the job's signals are the trainer's to act on.
+    for sig in JOB_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ShardLoader(DataLoader):
@@ -339,7 +348,7 @@ class ShardLoader(DataLoader):
             pin_memory=pin_memory,
             persistent_workers=persistent_workers and num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            worker_init_fn=_single_threaded_worker,
+            worker_init_fn=init_loader_worker,
             # Each iter() draws the workers' base seed; from the global generator, that draw would shift what
             # dropout and mixup draw next, and a resumed run starts its iterator at another point than the run it
             # continues. (The workers reseed per batch from the stream's own seed anyway.)

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipes.image.decode import resize
 from data_pipes.shards.read import ShardIndexCache, read_run
-from data_pipes.stream.loader import DataError, _single_threaded_worker, _stack
+from data_pipes.stream.loader import DataError, _stack, init_loader_worker
 from data_pipes.stream.plan import EpochLayout, window_size
 
 _PASS_SALT = 0x5EED_0011
@@ -334,7 +334,7 @@ class MixtureLoader(DataLoader):
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=persistent_workers and num_workers > 0,
                          prefetch_factor=prefetch_factor if num_workers > 0 else None,
-                         worker_init_fn=_single_threaded_worker)
+                         worker_init_fn=init_loader_worker)
         self._position, self._epoch = position, 0
 
     def set_epoch(self, epoch: int) -> None:
