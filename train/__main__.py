@@ -24,13 +24,12 @@ def main(cfg: DictConfig) -> None:
 
     try:
         train(cfg)
-    except Requeued as e:  # checkpointed (and requeued under Slurm): not a failure
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM: we are leaving anyway
-        log.info("%s", e)
-        return
-    except Stopped as e:  # checkpointed on SIGTERM: the exit status a process killed by that signal would have
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        log.warning("%s", e)
+    except Stopped as e:  # checkpointed on a signal (and requeued under Slurm, for a requeue signal)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's or scancel's SIGTERM: we are leaving anyway
+        if isinstance(e, Requeued):  # not a failure
+            log.info("%s", e)
+            return
+        log.warning("%s", e)  # the exit status a process killed by that signal would have
         sys.exit(128 + (e.signum or signal.SIGTERM))
     except (DatasetError, ModelConfigError, TeacherError, KDSetError, QuantError, NotImplementedError) as e:
         # Bad input, not a bug: say what is wrong and how to fix it, without a stack trace.

@@ -170,7 +170,7 @@ def _signal(name: str) -> int:
     try:
         return int(getattr(signal, name if name.startswith("SIG") else f"SIG{name}"))
     except AttributeError:
-        raise ValueError(f"callbacks.requeue.signals: {name!r} is not a signal (e.g. SIGUSR1, SIGUSR2)") from None
+        raise ValueError(f"callbacks.requeue: {name!r} is not a signal (e.g. SIGUSR1, SIGUSR2, SIGTERM)") from None
 
 
 def _slurm_job() -> str | None:
