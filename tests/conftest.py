@@ -73,3 +73,13 @@ def shapes(tmp_path_factory) -> Path:
     images = make_image_folder(tmp / "images", train_per_class=60, val_per_class=5, size=64)
     make_shards(images, tmp / "shards", samples_per_shard=200, workers=1, progress=False)
     return tmp / "shards"
+
+
+@pytest.fixture(scope="session")
+def weight_bits() -> int:
+    """The weight bits of the QAT tests that check onnxruntime against the PyTorch int8 model: 7 on x86 CPUs without
+    VNNI, where onnxruntime's int8 kernels overflow with full-range weights (train/quant/backend.py), else 8.
+    MOBILENET_TEST_WEIGHT_BITS=7 runs the 7-bit path on any host."""
+    from train.quant.backend import onnxruntime_int8_overflows
+
+    return int(os.environ.get("MOBILENET_TEST_WEIGHT_BITS") or (7 if onnxruntime_int8_overflows() else 8))

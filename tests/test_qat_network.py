@@ -3,6 +3,8 @@ family, fine-tuning with fake quantization, converting to int8 and running it in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -177,6 +179,21 @@ def test_ptq_moving_average_observer_survives_the_one_outlier_image_that_collaps
     assert errors["moving_average"] < 0.1 < errors["histogram"], errors
 
 
+def test_onnxruntime_overflow_is_detected_on_x86_cpus_without_vnni_only(tmp_path):
+    from train.quant.backend import onnxruntime_int8_overflows
+
+    def cpu(flags: str) -> Path:
+        path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"
+        path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+        return path
+
+    assert onnxruntime_int8_overflows(cpu("avx512f"), "x86_64")  # e.g. AMD EPYC (Zen 2/3): AVX2, no VNNI
+    assert not onnxruntime_int8_overflows(cpu("avx512f avx512_vnni"), "x86_64")
+    assert not onnxruntime_int8_overflows(cpu("avx_vnni"), "x86_64")
+    assert not onnxruntime_int8_overflows(cpu(""), "aarch64")
+    assert not onnxruntime_int8_overflows(tmp_path / "absent", "x86_64")  # unknown: not assumed affected
+
+
 def test_an_unknown_ptq_observer_is_refused():
     from train.quant.backend import QuantError, quantizer
 
@@ -207,7 +224,7 @@ def real_batch(shapes):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_fine_tunes_with_fake_quant_converts_and_runs_int8_in_both_runtimes(family, real_batch,
-                                                                                        tmp_path):
+                                                                                        weight_bits, tmp_path):
     from train.models import create_model
     from train.quant.backend import quantizer
     from train.quant.deploy import OnnxRunner, PteRunner, convert, kept_float, write_onnx, write_pte
@@ -234,7 +251,9 @@ def test_each_family_fine_tunes_with_fake_quant_converts_and_runs_int8_in_both_r
         model(x)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
-    net = FakeQuantNetwork(model, img_size=32, quantizer=quantizer("xnnpack", weight_bits=8, qat=True))
+    # 7-bit weights where onnxruntime's kernels would overflow with 8 (x86 without VNNI): what a user deploying to
+    # such CPUs trains with (quant.weight_bits=7).
+    net = FakeQuantNetwork(model, img_size=32, quantizer=quantizer("xnnpack", weight_bits=weight_bits, qat=True))
     opt = torch.optim.AdamW(net.parameters(), lr=5e-4)
     for _ in range(20):  # QAT steps: weights, BN statistics and observers adapt to int8 together
         opt.zero_grad()
@@ -250,8 +269,9 @@ def test_each_family_fine_tunes_with_fake_quant_converts_and_runs_int8_in_both_r
         onnx_out = OnnxRunner(tmp_path / "model_int8.onnx")(x).argmax(1)
     agree = {name: 100.0 * float((out == ref).float().mean()) for name, out in (("pte", pte_out), ("onnx", onnx_out))}
     # Thresholds, top-1 agreement with the converted PyTorch int8 model on these 50 images: ExecuTorch 84 %,
-    # onnxruntime 80 % (its x86 kernels without VNNI drift with 8-bit weights, recipes.md §9). Measured here: 86-100 %
-    # (V2-0.35 at 32 px is the lowest); on models trained for real, 94-99.8 % (recipes.md §9).
+    # onnxruntime 80 %. Measured here (8-bit weights, a CPU with VNNI): 86-100 % (V2-0.35 at 32 px is the lowest); on
+    # models trained for real, 94-99.8 % (recipes.md §9). With 8-bit weights on a CPU without VNNI, onnxruntime fell to
+    # 72 % on V2 (CI), which is why such hosts run this test with 7-bit weights.
     assert agree["pte"] >= 84 and agree["onnx"] >= 80, agree
     assert (ref == y).float().mean() >= 0.8  # QAT kept the int8 model on the batch (measured 88-100 %)
     assert pte.dynamic

@@ -43,15 +43,17 @@ def float_export(tmp_path_factory, shapes) -> Path:
     return run_dir / "export"
 
 
-def qat_overrides(shapes: Path, float_export: Path, run_dir: Path, *extra: str, drop_rate: float = 0.0) -> list[str]:
+def qat_overrides(shapes: Path, float_export: Path, run_dir: Path, *extra: str, drop_rate: float = 0.0,
+                  weight_bits: int = 8) -> list[str]:
     # Both freezes at epoch 1 of 2; EMA on; a checkpoint every step (for the resume test).
     return ["qat=true", f"init_from={float_export}", f"data.root={shapes}", "trainer.max_epochs=2",
+            f"quant.weight_bits={weight_bits}",
             "quant.freeze_bn_epoch=1", "quant.freeze_observer_epoch=1", "ema.decay=0.9", f"model.drop_rate={drop_rate}",
             "callbacks.checkpoint.every_n_train_steps=1", f"run_dir={run_dir}", *extra]
 
 
 @pytest.fixture(scope="module")
-def qat_run(tmp_path_factory, shapes, float_export):
+def qat_run(tmp_path_factory, shapes, float_export, weight_bits):
     """A 2-rank DDP (gloo) QAT run of the pipeline from float_export, with EMA, exported to int8 and measured, as
     a user launches it (Lightning re-executes the script for rank 1). Returns its run dir and each rank's record."""
     import os
@@ -64,9 +66,12 @@ def qat_run(tmp_path_factory, shapes, float_export):
     # agreement between integer kernels and the PyTorch reference is lower than on a well trained model. The
     # thresholds here: ExecuTorch 75 %, onnxruntime 70 % (measured 78-84 % and 76-80 %; the defaults, for trained
     # models: 90 % and 75 %).
+    # weight_bits: 7 on x86 CPUs without VNNI, where onnxruntime's int8 kernels overflow with 8-bit weights (conftest).
+    # Top-1 is measured on 50 val images (2 points an image): int8 may lose up to 5 of them (measured: 0-3 with
+    # 8-bit weights, 3 with 7-bit ones) before the export reports a failure.
     overrides = compose_overrides(*qat_overrides(shapes, float_export, run_dir, "quant.min_agreement.pte=75",
-                                                 "quant.min_agreement.onnx=70", "trainer.devices=2",
-                                                 "trainer.strategy=ddp"))
+                                                 "quant.min_agreement.onnx=70", "quant.max_top1_drop=10",
+                                                 "trainer.devices=2", "trainer.strategy=ddp", weight_bits=weight_bits))
     done = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "ddp_train_run.py"), str(out),
                            *overrides], cwd=REPO, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -97,12 +102,12 @@ def test_two_rank_ddp_qat_run_trains_both_ranks_alike_and_ships_int8_measured_in
                 "int8_pte_top5", "int8_pte_agreement", "int8_onnx_agreement", "int8_pte_max_abs_diff"):
         assert key in shipped, key
     # Each runtime agrees with the PyTorch int8 model above its threshold, and QAT kept the float model's top-1
-    # within 3 of the 50 val images.
+    # within 5 of the 50 val images.
     assert shipped["int8_failures"] == [], shipped["int8_failures"]
     assert shipped["int8_pte_agreement"] >= 75.0 and shipped["int8_onnx_agreement"] >= 70.0
     assert shipped["val_images"] == 50
     float_top1 = json.loads((float_export / "metrics.json").read_text())["top1"]
-    assert shipped["int8_pte_top1"] >= float_top1 - 6.0, (shipped["int8_pte_top1"], float_top1)
+    assert shipped["int8_pte_top1"] >= float_top1 - 10.0, (shipped["int8_pte_top1"], float_top1)
     assert shipped["size_mb"]["int8_pte"] < 0.5 * (export / "model.safetensors").stat().st_size / 1e6
     assert set(shipped["latency_ms"]) >= {"float_pte", "int8_pte", "float_onnx", "int8_onnx"}
     # MNv3's squeeze-excite means stay float (XNNPACK's quantizer does not annotate mean), and the report says so.
@@ -192,13 +197,15 @@ def test_qat_with_distill_learns_from_the_float_model_of_init_from_by_default(tm
 
 
 @pytest.mark.slow
-def test_post_training_quantization_of_a_float_checkpoint_exports_and_measures_int8(tmp_path, float_export):
+def test_post_training_quantization_of_a_float_checkpoint_exports_and_measures_int8(tmp_path, float_export,
+                                                                                     weight_bits):
     from train.export import main
 
     # The float model is trained only so far (about 40 % top-1): small logit margins, so the thresholds here are
     # ExecuTorch 70 %, onnxruntime 65 % top-1 agreement with the PyTorch int8 model (set in a copy's run config).
     ckpt = torch.load(float_export.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ckpt["run_config"]["quant"]["min_agreement"] = {"pte": 70.0, "onnx": 65.0}
+    ckpt["run_config"]["quant"]["weight_bits"] = weight_bits  # 7 where onnxruntime's kernels overflow (conftest)
     path = tmp_path / "float.ckpt"
     torch.save(ckpt, path)
     assert main([str(path), "--ptq", "--calib-batches", "4", "--out", str(tmp_path / "ptq"), "--num-workers", "1",

@@ -7,6 +7,9 @@ overflow with full-range weights, so its results drift from the PyTorch int8 mod
 
 from __future__ import annotations
 
+import platform
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 INSTALL_HINT = "pip install 'mobilenet-train[int8]'  (torchao, executorch, onnxruntime)"
@@ -24,6 +27,30 @@ def require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as e:
         raise QuantError(f"qat / int8 export needs {module.split('.')[0]} ({e}): {INSTALL_HINT}") from None
+
+
+@cache
+def onnxruntime_int8_overflows(cpuinfo: Path = Path("/proc/cpuinfo"), machine: str | None = None) -> bool:
+    """True on an x86 CPU without VNNI (AVX512-VNNI or AVX-VNNI), where onnxruntime's fused int8 kernels compute
+    int8 x int8 as uint8 x int8 and overflow with full-range 8-bit weights (recipes.md §9: top-1 agreement with the
+    PyTorch int8 model 79-85 % there, 94 % with 7-bit weights). Other architectures, and x86 hosts whose CPU flags
+    cannot be read (no /proc/cpuinfo), count as not affected."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return bool(flags) and not {"avx512_vnni", "avx_vnni"} & set(flags)
+
+
+def onnx_weight_bits_hint() -> str:
+    """What to say when onnxruntime disagrees with the PyTorch int8 model, on this host."""
+    if onnxruntime_int8_overflows():
+        return ("; this CPU has no VNNI, where onnxruntime's int8 kernels overflow with full-range 8-bit weights: "
+                "QAT with quant.weight_bits=7 keeps onnxruntime on such CPUs in line")
+    return ""
 
 
 # PTQ activation observers (quant.ptq_observer). ExecuTorch's own choice for PTQ is the histogram observer, whose

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from train.quant.backend import QuantError, require
+from train.quant.backend import QuantError, onnx_weight_bits_hint, require
 from train.quant.network import drop_batch_counters
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,8 @@ def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module | None, float_mode
         metrics[f"int8_{name}_agreement"], metrics[f"int8_{name}_max_abs_diff"] = agree, diff
         if agree < float(min_agreement[name]):
             report.failures.append(f"{name}: top-1 agreement with the PyTorch int8 model {agree:.1f}% is below "
-                                   f"quant.min_agreement.{name}={min_agreement[name]}% (max |logit diff| {diff:.3g})")
+                                   f"quant.min_agreement.{name}={min_agreement[name]}% (max |logit diff| {diff:.3g})"
+                                   + (onnx_weight_bits_hint() if name == "onnx" else ""))
     drop = metrics["float_top1"] - metrics["int8_torch_top1"]
     if drop > float(max_top1_drop):  # every runtime may agree with an int8 model that has collapsed
         report.failures.append(f"int8: the PyTorch int8 model's top-1 {metrics['int8_torch_top1']:.2f}% is {drop:.2f} "
