@@ -46,3 +46,37 @@ def test_torchrun_workers_give_nodes_and_processes_per_node(environ):
     environ(TORCHRUN)
     assert topology.launched() == topology.Launch("torchrun", nodes=3, processes_per_node=4)
     assert topology.resolve("auto", "auto") == (3, 4)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_a_two_node_torchrun_launch_trains_one_ddp_run_with_nodes_and_devices_from_the_launch(tmp_path,
+                                                                                              synthetic_shards):
+    """Two torchrun "nodes" on this machine (static rendezvous on localhost), one process each, no Slurm: the run
+    learns 2 nodes x 1 device from torchrun alone and trains as one 2-rank DDP run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    overrides = [f"data.root={synthetic_shards}", "model=mnv3_s_075", "data.img_size=32", "data.batch_size=10",
+                 "data.num_workers=0", "trainer.accelerator=cpu", "trainer.max_epochs=1", "export=false",
+                 "logger.wandb.enabled=false", "callbacks.progress_bar=false", f"hydra.run.dir={run_dir}"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "-m", "train", *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[0] + outputs[1]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # 200 train images over 2 ranks at batch 10: 10 steps; both ranks' RNG states in the checkpoint
+    assert ckpt["global_step"] == 10 and len(ckpt["rng_states"]) == 2
