@@ -129,7 +129,7 @@ def _report(args, cache: Path, rows: list, log: list[str]) -> None:
              "| model | float | PTQ int8 PyTorch / ExecuTorch / onnxruntime | QAT float weights | QAT fake-quant | "
              "QAT int8 PyTorch / "
              "ExecuTorch / onnxruntime | QAT - float (ExecuTorch) | agreement QAT pte / onnx | MB float -> int8 pte "
-             "| ms/img ExecuTorch float -> int8 | ms/img onnxruntime float -> int8 | minutes float / QAT |",
+             "| ms/img ExecuTorch float -> int8 | ms/img onnxruntime 1 thread float -> int8 | minutes float / QAT |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, fl, ptq, qat in rows:
         def three(m):
@@ -142,7 +142,8 @@ def _report(args, cache: Path, rows: list, log: list[str]) -> None:
             f"{three(qat)} | "
             f"{qat['int8_pte_top1'] - fl['top1']:+.2f} | {qat['int8_pte_agreement']:.1f} / "
             f"{qat['int8_onnx_agreement']:.1f} | {float_mb:.2f} -> {qat['size_mb']['int8_pte']:.2f} | "
-            f"{lat['float_pte']:.2f} -> {lat['int8_pte']:.2f} | {lat['float_onnx']:.2f} -> {lat['int8_onnx']:.2f} | "
+            f"{lat['float_pte']:.2f} -> {lat['int8_pte']:.2f} | "
+            f"{lat['onnx_1thread']:.2f} -> {lat['int8_onnx_1thread']:.2f} | "
             f"{fl['seconds'] / 60:.1f} / {qat['seconds'] / 60:.1f} |")
         for name, m in (("PTQ", ptq), ("QAT", qat)):
             kept = {**m.get("int8_kept_float", {})}

@@ -8,9 +8,11 @@ pipeline:   the config composed from conf/ with Hydra's compose API (export and 
             epoch of warm-up + timed steps), run by `train.run.train(cfg)`. A timing callback is added to the
             Trainer's callbacks (`train(cfg, callbacks=[...])`); everything else is exactly the training run.
 plain loop: the same `ShardDataModule` train loader (so the data and the augmentation are identical; what differs
-            is the loop), `.to(device)`, normalise on the device, channels_last, timm AdamW (`create_optimizer_v2`,
-            no weight decay on norm/bias, like the pipeline), label-smoothed cross-entropy, backward, step, the
-            same timm schedule stepped per update; bf16 autocast where the pipeline uses bf16-mixed.
+            is the loop), `.to(device)`, normalise on the device with the pipeline's own function
+            (`train.normalize.normalize_images`: the same cost on both sides), channels_last, timm AdamW
+            (`create_optimizer_v2`, no weight decay on norm/bias, like the pipeline), label-smoothed cross-entropy,
+            backward, step, the same timm schedule stepped per update; bf16 autocast where the pipeline uses
+            bf16-mixed.
 
 Both: warm-up steps first (worker start-up, allocator, cudnn autotuning), then images/s over the timed steps, from
 the end of the last warm-up step to the end of the last timed step (device synchronised at both ends). Runs
@@ -171,12 +173,14 @@ def build_plain(cfg, device: torch.device):
         mixup = Mixup(**mix, label_smoothing=cfg.label_smoothing, num_classes=info.num_classes)
     criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     ema = ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.decay else None
-    mean = torch.tensor(data_config["mean"], device=device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(data_config["std"], device=device).view(1, -1, 1, 1) * 255
+    mean = torch.tensor(data_config["mean"], device=device) * 255
+    std = torch.tensor(data_config["std"], device=device) * 255
     return datamodule, model, optimizer, scheduler, mixup, criterion, ema, (mean, std, memory_format)
 
 
 def run_plain(cfg, args: argparse.Namespace, device: torch.device) -> float:
+    from train.normalize import normalize_images
+
     datamodule, model, optimizer, scheduler, mixup, criterion, ema, norm = build_plain(cfg, device)
     mean, std, memory_format = norm
     if device.type == "cuda":
@@ -191,8 +195,9 @@ def run_plain(cfg, args: argparse.Namespace, device: torch.device) -> float:
     start, images = 0.0, 0
     for step in range(args.warmup + args.steps):
         batch = next(batches)
-        x = batch["image"].to(device, non_blocking=True).to(memory_format=memory_format).float()
-        x = x.sub_(mean).div_(std)
+        # The pipeline's own normalisation (train.normalize): both sides pay the same for it, so the ratio measures
+        # the loop, not a faster kernel on one side.
+        x = normalize_images(batch["image"].to(device, non_blocking=True), mean, std, memory_format)
         y = batch["target"].to(device, non_blocking=True)
         if mixup is not None:
             x, y = mixup(x, y)

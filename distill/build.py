@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data_pipes.image.decode import resize
 from data_pipes.image.views import checksum
-from data_pipes.shards.metadata import INFO_FILE, read_info
+from data_pipes.shards.metadata import info_sha256, read_info
 from data_pipes.stream.loader import init_loader_worker
 from data_pipes.stream.mixture import SourceReader
 from distill.kdset import (
@@ -59,12 +59,6 @@ RESUME_HINT = "run the same `python -m distill.build ...` command again: it resu
 # ------------------------------------------------------------------------------------------------ identity
 
 
-def _info_hash(root: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256((Path(root) / INFO_FILE).read_bytes()).hexdigest()[:16]
-
-
 def versions() -> dict[str, str]:
     """Libraries whose output a replayed view depends on (decoder, resize and augmentation kernels)."""
     import albumentations
@@ -85,7 +79,7 @@ def build_identity(kd: Mapping[str, Any], sources: list[SourceConfig], teacher: 
         "teacher": teacher.identity,
         "label_names": list(label_names),
         "storage": kd["storage"], "top_k": int(kd["top_k"]), "seed": int(kd["seed"]), "view_size": size,
-        "sources": {s.name: {"index": s.index, "root": str(s.root), "info_sha256": _info_hash(s.root),
+        "sources": {s.name: {"index": s.index, "root": str(s.root), "info_sha256": info_sha256(s.root),
                              "replicas": s.replicas, "labelled": s.labelled, "recipe": _recipe_dict(s)}
                     | ({"selection": selection_identity(kd)} if s.selected else {})
                     for s in sources},
@@ -416,7 +410,10 @@ class KDSets:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {"root": str(self.root), "storage": self.storage, "top_k": self.top_k,
+        import hashlib
+
+        manifest = hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()[:16]
+        return {"root": str(self.root), "storage": self.storage, "top_k": self.top_k, "manifest_sha256": manifest,
                 "teacher": self.manifest["teacher"]["source"],
                 "teacher_sha256": self.manifest["teacher"]["weights_sha256"],
                 "sources": {k: v["replicas"] for k, v in self.manifest["sources"].items()}}

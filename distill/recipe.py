@@ -123,12 +123,12 @@ def build_distillation(cfg: DictConfig, info: DatasetInfo, data_config: dict[str
     teacher = build_teacher(kd, info)
     size = int(data_config["input_size"][-1])
     teacher_eval = build_eval_transform(teacher.img_size, crop_pct=teacher.data_config["crop_pct"],
-                                        interpolation=teacher.interpolation)
+                                        interpolation=teacher.interpolation, dct_reduce=cfg.data.eval_dct_reduce)
     args = dict(datamodule_args, eval_transform=WithTeacherView(datamodule_args["eval_transform"], teacher_eval))
     record: dict[str, Any] = {"teacher": teacher.identity, "method": kd["method"]}
     if kd["method"] == "logit":
         aug = plain(cfg.aug.train)
-        views = build_train_transform(max(size, teacher.img_size), **aug)
+        views = build_train_transform(max(size, teacher.img_size), **aug, dct_reduce=cfg.data.train_dct_reduce)
         args["train_transform"] = TwoSizes(views, size, aug["interpolation"], teacher.img_size, teacher.interpolation)
         objective = LogitDistillation(teacher=teacher, temperature=float(kd["temperature"]),
                                       task_weight=float(kd["task_weight"]),

@@ -96,7 +96,10 @@ class ScoreRenderer(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        transform = build_eval_transform(self.size, crop_pct=self.crop_pct, interpolation=self.interpolation)
+        # Scoring only ranks extra images by the selector's confidence, over many more images than any validation:
+        # the DCT-reduced decode (the selection records the selector, threshold and per_class it was made with).
+        transform = build_eval_transform(self.size, crop_pct=self.crop_pct, interpolation=self.interpolation,
+                                         dct_reduce=True)
         reader = SourceReader(self.blocks)
         for n, block in enumerate(self.todo):
             if n % workers != worker:

@@ -29,8 +29,8 @@ from data_pipes.image.augment import (
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "conf" / "aug").glob("*.yaml"))
 # conf/aug/inception.yaml's crop and flip, for tests that vary only the policies.
-INCEPTION = {k: v for k, v in OmegaConf.load(REPO / "conf" / "aug" / "inception.yaml").train.items()
-             if k in ("scale", "ratio", "hflip", "interpolation")}
+INCEPTION = {**{k: v for k, v in OmegaConf.load(REPO / "conf" / "aug" / "inception.yaml").train.items()
+                if k in ("scale", "ratio", "hflip", "interpolation")}, "dct_reduce": True}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_every_recipe_file_says_where_it_comes_from_and_how_to_select_it():
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_transforms_real_colour_and_grayscale_photos(recipe, photos):
     cfg = OmegaConf.load(recipe)
-    transform = build_train_transform(img_size=224, **cfg.train)
+    transform = build_train_transform(img_size=224, **cfg.train, dct_reduce=True)
     torch.manual_seed(0)
     for data in photos.values():
         out = transform(data)
@@ -105,7 +105,7 @@ def test_eval_transform_equals_pil_resize_then_center_crop(sample):
     for img in (Image.open(io.BytesIO(sample)).convert("RGB"), big):
         buf = io.BytesIO()
         img.save(buf, "PNG")  # lossless, so the reference decodes the same pixels
-        out = build_eval_transform(224, crop_pct=0.875, interpolation="bilinear")(buf.getvalue())
+        out = build_eval_transform(224, crop_pct=0.875, interpolation="bilinear", dct_reduce=False)(buf.getvalue())
         w, h = img.size
         short = int(224 / 0.875)
         size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
@@ -120,13 +120,14 @@ def test_eval_transform_equals_pil_resize_then_center_crop(sample):
 
 def test_eval_transform_with_dct_reduction_stays_close_to_the_full_decode():
     data = _jpeg(2400, 1800)
-    reduced = build_eval_transform(224, 0.875, "bicubic")(data).astype(int)
+    reduced = build_eval_transform(224, 0.875, "bicubic", dct_reduce=True)(data).astype(int)
     full = build_eval_transform(224, 0.875, "bicubic", dct_reduce=False)(data).astype(int)
     assert np.abs(reduced - full).mean() < 1.5
 
 
 def _no_crop(**kw) -> TrainTransform:
-    return build_train_transform(224, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), hflip=0.0, interpolation="bilinear", **kw)
+    return build_train_transform(224, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), hflip=0.0, interpolation="bilinear",
+                                 **{"dct_reduce": True, **kw})
 
 
 def test_randaugment_with_prob_zero_is_identity_after_crop(sample):
@@ -255,13 +256,13 @@ def test_random_erasing_const_mode_fills_the_mean_colour(sample):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_transforms_pickle_and_the_copy_draws_the_same_when_seeded(recipe, sample):
-    transform = build_train_transform(img_size=96, **OmegaConf.load(recipe).train)
+    transform = build_train_transform(img_size=96, **OmegaConf.load(recipe).train, dct_reduce=True)
     copy = pickle.loads(pickle.dumps(transform))
     torch.manual_seed(7)
     expected = [transform(sample) for _ in range(3)]
     torch.manual_seed(7)
     assert all(np.array_equal(copy(sample), e) for e in expected)
-    evaluation = pickle.loads(pickle.dumps(build_eval_transform(96, 0.875, "bicubic")))
+    evaluation = pickle.loads(pickle.dumps(build_eval_transform(96, 0.875, "bicubic", dct_reduce=True)))
     assert evaluation(sample).shape == (96, 96, 3)
 
 

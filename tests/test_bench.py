@@ -38,10 +38,12 @@ def test_loader_runs_ours_and_both_timm_variants_and_prints_the_ratio_last(synth
         "--workers", "1", "--upscale", "80", "--quiet",
     ]) == 0
     out = capsys.readouterr().out
-    for runner in ("ours (ShardDataModule)", "timm create_loader, folder", "timm create_loader, wds"):
+    for runner in ("ours (ShardDataModule)", "ours, full decode", "timm create_loader, folder",
+                   "timm create_loader, wds"):
         assert sum(line.startswith(runner) for line in out.splitlines()) == 2, out  # a row in each setting's table
     assert "re-encoded at 80px" in out
-    assert re.fullmatch(rf"ratio \(ours / faster timm\): {RATIO} flip, {RATIO} randaug", last_line(out)), out
+    assert re.fullmatch(rf"ratio \(ours / faster timm\): {RATIO} flip \({RATIO} full decode\), {RATIO} randaug "
+                        rf"\({RATIO} full decode\)", last_line(out)), out
 
 
 def test_distill_bench_builds_both_storages_times_three_loaders_and_prints_the_ratios_last(

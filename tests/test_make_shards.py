@@ -313,7 +313,7 @@ def test_flat_val_is_labelled_from_a_loc_val_solution_csv_found_next_to_src(synt
 
 
 def test_devkit_ground_truth_maps_ids_through_meta_mat_not_sorted_order(synthetic_folder, tmp_path):
-    scipy_io = pytest.importorskip("scipy.io")
+    import scipy.io as scipy_io  # a core dependency (the devkit's meta.mat): an import failure must fail the test
     src, truth = flat_imagenet(synthetic_folder, tmp_path)
     devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
     devkit.mkdir(parents=True)

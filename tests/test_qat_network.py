@@ -215,7 +215,8 @@ def real_batch(shapes):
     from data_pipes.stream.datamodule import build_eval_loader
     from train.export.artifacts import normalize
 
-    loader = build_eval_loader(str(shapes), build_eval_transform(32, crop_pct=0.875, interpolation="bilinear"),
+    loader = build_eval_loader(str(shapes), build_eval_transform(32, crop_pct=0.875, interpolation="bilinear",
+                                                                     dct_reduce=False),
                                batch_size=50, num_workers=0)
     batch = next(iter(loader))
     return normalize(batch["image"], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), batch["target"]

@@ -109,7 +109,10 @@ def test_two_rank_ddp_qat_run_trains_both_ranks_alike_and_ships_int8_measured_in
     float_top1 = json.loads((float_export / "metrics.json").read_text())["top1"]
     assert shipped["int8_pte_top1"] >= float_top1 - 10.0, (shipped["int8_pte_top1"], float_top1)
     assert shipped["size_mb"]["int8_pte"] < 0.5 * (export / "model.safetensors").stat().st_size / 1e6
-    assert set(shipped["latency_ms"]) >= {"float_pte", "int8_pte", "float_onnx", "int8_onnx"}
+    assert set(shipped["latency_ms"]) >= {"float_pte", "int8_pte", "onnx_1thread", "onnx_all_threads",
+                                          "int8_onnx_1thread", "int8_onnx_all_threads"}  # float and int8, side by side
+    assert shipped["size_mb"].keys() >= {"safetensors", "onnx", "int8_pte", "int8_onnx"}
+    assert shipped["size_mb"]["int8_onnx"] <= shipped["size_mb"]["onnx"]
     # MNv3's squeeze-excite means stay float (XNNPACK's quantizer does not annotate mean), and the report says so.
     assert shipped["int8_kept_float"].get("mean", 0) > 0, shipped["int8_kept_float"]
     # The checkpoint holds the fake-quant network (EMA weights in state_dict, the trained ones beside them), its
@@ -205,6 +208,8 @@ def test_post_training_quantization_of_a_float_checkpoint_exports_and_measures_i
     # ExecuTorch 70 %, onnxruntime 65 % top-1 agreement with the PyTorch int8 model (set in a copy's run config).
     ckpt = torch.load(float_export.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ckpt["run_config"]["quant"]["min_agreement"] = {"pte": 70.0, "onnx": 65.0}
+    # 50 val images, 2 points each: PTQ calibrated on 4 batches may lose up to 5 of them (measured: 0-3).
+    ckpt["run_config"]["quant"]["max_top1_drop"] = 10.0
     ckpt["run_config"]["quant"]["weight_bits"] = weight_bits  # 7 where onnxruntime's kernels overflow (conftest)
     path = tmp_path / "float.ckpt"
     torch.save(ckpt, path)

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import (
 )
 from torch import Tensor
 
+from train.axes import ComparableAxes
 from train.throughput import ThroughputLogger
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,10 @@ class RunRecord(Callback):
     """Stores what `python -m train.export` needs to rebuild the network in every checkpoint, as plain values
     (so the checkpoint loads with `torch.load(weights_only=True)`)."""
 
-    def __init__(self, run_config: dict[str, Any], dataset: dict[str, Any], data_config: dict[str, Any]) -> None:
-        self.record = {"run_config": run_config, "dataset": dataset, "data_config": data_config}
+    def __init__(self, run_config: dict[str, Any], dataset: dict[str, Any], data_config: dict[str, Any],
+                 provenance: dict[str, Any] | None = None) -> None:
+        self.record = {"run_config": run_config, "dataset": dataset, "data_config": data_config,
+                       "provenance": provenance or {}}
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint.update(self.record)
@@ -289,6 +292,7 @@ def build_callbacks(
     # StepCheckpoint alone writes last.ckpt (every N steps and after each validation), so `ckpt_path=last` always
     # finds the newest state under one name.
     callbacks: list[Callback] = [
+        ComparableAxes(),  # before anything that sends a row (RequeueOnSignal's last one included)
         StepCheckpoint(dirpath=checkpoints, filename="step-{step}", every_n_train_steps=every_n_train_steps,
                         save_last=True, save_top_k=0, enable_version_counter=False),
         ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc1", mode="max", save_top_k=save_top_k,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -20,14 +21,19 @@ from data_pipes.shards.metadata import DatasetInfo
 from data_pipes.shards.prepare import prepare_dataset
 from data_pipes.stream.datamodule import ShardDataModule
 from train import topology
+from train.axes import RunClock, declare_axes
 from train.callbacks import AtomicCheckpointIO, RunRecord, build_callbacks
+from train.export.artifacts import METRICS_FILE
+from train.lineage import log_export, use_inputs
 from train.models import check_img_size, check_model_name, count_macs, create_model
 from train.module import ImageClassifier
 from train.objective import ClassificationObjective, NoMixing, build_batch_mixing
 from train.optim import optimizer_factory, scheduler_factory
+from train.provenance import run_provenance
 from train.quant.backend import QuantError
 from train.requeue import RequeueOnSignal, resolve_ckpt_path
-from train.tracking import RunIdentity, build_loggers, close_loggers, define_summaries, record_summary
+from train.summary import RunSummary
+from train.tracking import RunIdentity, build_loggers, close_loggers, record_summary
 
 log = logging.getLogger(__name__)
 # The module normalises uint8 batches in `on_after_batch_transfer` on purpose (on the device, after the copy);
@@ -41,6 +47,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
     """Train the configured model; returns the final validation metrics (and the export's, when exported).
 
     `callbacks` are added to the run's own (for programmatic use: benchmarks, tests, notebooks)."""
+    clock = RunClock()  # the run's cost counts its set-up too
     check_model_name(cfg.model.name)  # before touching data: a typo should not wait for a dataset
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
@@ -58,39 +65,69 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
     datamodule, objective, val_extras, kd_record = _build_data_and_objective(cfg, info, data_config)
     module = _build_module(cfg, model, info, data_config, datamodule, macs, objective, val_extras)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    provenance = run_provenance(info.root, kd_record.get("kd"))
     identity = RunIdentity(model_key=cfg.model.key, family=cfg.model.family, recipe=cfg.recipe,
                            distill=cfg.distill, qat=cfg.qat, seed=cfg.seed)
+    # W&B's config: the composed config, plus what the run was made from (code, command, versions, data, teacher).
     loggers = build_loggers(run_dir, identity, wandb_enabled=cfg.logger.wandb.enabled, project=cfg.logger.wandb.project,
                             entity=cfg.logger.wandb.entity, mode=cfg.logger.wandb.mode, csv=cfg.logger.csv,
-                            config=resolved)
-    record = RunRecord(resolved, {"root": str(info.root), "label_names": list(info.label_names)}, data_config)
+                            config={**resolved, "git": provenance["git"], "provenance": provenance})
+    record = RunRecord(resolved, {"root": str(info.root), "label_names": list(info.label_names)}, data_config,
+                       provenance)
+    summary = RunSummary(run_dir, run=_run_description(cfg, identity, info, img_size),
+                         static={"model/params_m": _params_m(model), "model/macs_m": macs / 1e6, "img_size": img_size},
+                         paper=_plain(cfg.model.get("paper")), provenance=provenance, clock=clock)
     run_callbacks = build_callbacks(run_dir, every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps,
                                 save_top_k=cfg.callbacks.checkpoint.save_top_k, lr_monitor=cfg.callbacks.lr_monitor,
                                 ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup, record=record,
                                 has_logger=bool(loggers),
                                 progress_refresh=cfg.trainer.log_every_n_steps if cfg.callbacks.progress_bar else None)
+    run_callbacks += [clock, summary]
     signals = cfg.callbacks.requeue
     requeue = RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt", signals=list(signals.signals),
                               stop_signals=list(signals.stop_signals), requeue=signals.requeue)
     trainer = L.Trainer(**_trainer_kwargs(cfg), default_root_dir=run_dir, logger=loggers or False,
                         callbacks=[*run_callbacks, *datamodule.callbacks(), *_qat_callbacks(cfg), requeue, *callbacks],
                         enable_progress_bar=cfg.callbacks.progress_bar, plugins=_plugins())
-    define_summaries(loggers)
-    record_summary(loggers, {"model/params_m": _params_m(model), "model/macs_m": macs / 1e6, "img_size": img_size,
-                             **kd_record})
+    declare_axes(loggers)
+    record_summary(loggers, {**summary.flat(), **kd_record})
+    if cfg.distill:
+        use_inputs(loggers, teacher=kd_record["kd"]["teacher"], kd_sets=cfg.kd.sets,
+                   kd_identity=kd_record["kd"].get("sets"))
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir),
                     weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        shipped = None
         if cfg.export and trainer.is_global_zero:
-            metrics.update(_export(run_dir, module, info, data_config, cfg, loggers))
-        record_summary(loggers, metrics)
+            metrics.update(_export(run_dir, module, info, data_config, cfg, loggers, provenance))
+            shipped = json.loads((run_dir / "export" / METRICS_FILE).read_text())
+        row = summary.finish(trainer, loggers, shipped)
+        if shipped is not None:
+            log_export(loggers, run_dir / "export", metadata=_export_metadata(row, summary.run),
+                       best=summary.exported_best)
     except BaseException:
         close_loggers(loggers, success=False)  # what was logged reaches disk; a restart continues the run id
         raise
     close_loggers(loggers, success=True)
     return metrics
+
+
+def _run_description(cfg: DictConfig, identity: RunIdentity, info: DatasetInfo, img_size: int) -> dict[str, Any]:
+    return {"name": identity.name, "model": cfg.model.key, "architecture": cfg.model.name, "family": cfg.model.family,
+            "recipe": cfg.recipe, "distill": bool(cfg.distill), "qat": bool(cfg.qat), "seed": int(cfg.seed),
+            "img_size": img_size, "dataset": info.name or Path(info.root).name, "num_classes": info.num_classes,
+            "train_images": info.split("train").num_samples}
+
+
+def _export_metadata(row: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """What the export artifact carries in W&B: the numbers its users choose by."""
+    keys = ("export/top1", "export/top5", "model/macs_m", "model/params_m", "export/latency_ms_1thread",
+            "export/latency_ms_all_threads", "export/size_mb", "int8/pte_top1", "int8/onnx_top1",
+            "int8/latency_ms_1thread", "val/acc1_best", "img_size")
+    return {"model": run["model"], "architecture": run["architecture"], "recipe": run["recipe"],
+            "distill": run["distill"], "qat": run["qat"], **{k: row[k] for k in keys if k in row}}
 
 
 def _plugins() -> list:
@@ -127,9 +164,10 @@ def _datamodule_args(cfg: DictConfig, data_config: dict[str, Any]) -> dict[str, 
         batch_size=cfg.data.batch_size,
         val_batch_size=cfg.data.val_batch_size,
         num_workers=cfg.data.num_workers,
-        train_transform=build_train_transform(img_size, **_plain(cfg.aug.train)),
+        train_transform=build_train_transform(img_size, **_plain(cfg.aug.train), dct_reduce=cfg.data.train_dct_reduce),
         eval_transform=build_eval_transform(img_size, crop_pct=data_config["crop_pct"],
-                                            interpolation=data_config["interpolation"]),
+                                            interpolation=data_config["interpolation"],
+                                            dct_reduce=cfg.data.eval_dct_reduce),
         seed=cfg.seed,
         shuffle_window=cfg.data.shuffle_window,
         max_bad_fraction=cfg.data.max_bad_fraction,
@@ -224,13 +262,14 @@ def _params_m(model: torch.nn.Module) -> float:
 
 
 def _export(run_dir: Path, module: ImageClassifier, info: DatasetInfo, data_config: dict[str, Any], cfg: DictConfig,
-            loggers: list) -> dict[str, float]:
+            loggers: list, provenance: dict[str, Any]) -> dict[str, float]:
     from data_pipes.stream.datamodule import build_eval_loader
     from train.export import export_model
 
     img_size = data_config["input_size"][-1]
     loader = build_eval_loader(info.root, build_eval_transform(img_size, crop_pct=data_config["crop_pct"],
-                                                               interpolation=data_config["interpolation"]),
+                                                               interpolation=data_config["interpolation"],
+                                                               dct_reduce=cfg.data.eval_dct_reduce),
                                batch_size=cfg.data.val_batch_size or cfg.data.batch_size,
                                num_workers=min(cfg.data.num_workers, 4))
     device = module.device  # the float export's top-1 is measured where training ran (in fp32), not on the CPU
@@ -240,7 +279,8 @@ def _export(run_dir: Path, module: ImageClassifier, info: DatasetInfo, data_conf
 
         network = float_model(module.model, cfg.model.name, info.num_classes)
     report = export_model(network, run_dir / "export", architecture=cfg.model.name,
-                          label_names=info.label_names, data_config=data_config, val_batches=loader, device=device)
+                          label_names=info.label_names, data_config=data_config, val_batches=loader, device=device,
+                          latency=bool(cfg.export_latency), record=provenance)
     metrics = dict(report.metrics)
     if cfg.qat:
         from train.quant.recipe import export_int8

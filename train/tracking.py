@@ -129,15 +129,6 @@ def wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
-@rank_zero_only  # other ranks hold a stand-in W&B run
-def define_summaries(loggers: Sequence[Logger]) -> None:
-    """The W&B summary of val/acc1 and val/acc5 is their best value, not the last one."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            for key in ("val/acc1", "val/acc5"):
-                logger.experiment.define_metric(key, summary="max")
-
-
 @rank_zero_only
 def record_summary(loggers: Sequence[Logger], values: dict[str, Any]) -> None:
     for logger in loggers:

@@ -59,6 +59,18 @@ def zoo_keys() -> list[str]:
     return [key for key in list_model_configs() if key != GENERIC_CONFIG]
 
 
+def paper_points() -> list[dict[str, float | str]]:
+    """Every zoo model's published numbers (key, family, top-1, MACs M, params M, resolution), from its config alone
+    (nothing is built): the reference points of `python -m train.compare`'s charts."""
+    points = []
+    for key in zoo_keys():
+        cfg = OmegaConf.load(model_config_dir() / f"{key}.yaml")
+        points.append({"key": key, "family": str(cfg.family), "top1": float(cfg.paper.top1),
+                       "macs_m": float(cfg.paper.macs_m), "params_m": float(cfg.paper.params_m),
+                       "resolution": int(cfg.paper.resolution)})
+    return points
+
+
 def measure(key: str) -> ZooEntry:
     """Build the config's model with a 1000-class head and count its params and MACs at the paper's resolution."""
     cfg = OmegaConf.load(model_config_dir() / f"{key}.yaml")

@@ -92,6 +92,14 @@ def write_info(info: DatasetInfo) -> Path:
     return path
 
 
+def info_sha256(root: str | os.PathLike) -> str:
+    """The shard set's identity: the first 16 hex digits of the SHA-256 of its `_info.json` (which lists every
+    shard and its sample count)."""
+    import hashlib
+
+    return hashlib.sha256((Path(root) / INFO_FILE).read_bytes()).hexdigest()[:16]
+
+
 def read_info(root: str | os.PathLike, *, check_files: bool = True) -> DatasetInfo:
     """Read and validate a shard directory; every problem is reported with what was expected and how to fix it."""
     root = Path(root).expanduser()

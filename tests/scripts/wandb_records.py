@@ -53,3 +53,36 @@ def history(path: Path) -> list[dict[str, Any]]:
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
+
+
+def run_config(path: Path) -> dict[str, Any]:
+    """The run's config as W&B recorded it (the run record's values, then later config updates)."""
+    config: dict[str, Any] = {}
+    for record in records(path):
+        kind = record.WhichOneof("record_type")
+        items = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
+        for item in items:
+            config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return config
+
+
+def artifacts(path: Path) -> list[dict[str, Any]]:
+    """Every artifact the run logged (outputs) or used (inputs: `use_after_commit`), with its metadata and files."""
+    out = []
+    for record in records(path):
+        if record.WhichOneof("record_type") == "artifact":
+            a = record.artifact
+            out.append({"name": a.name, "type": a.type, "metadata": json.loads(a.metadata or "{}"),
+                        "aliases": list(a.aliases), "input": a.use_after_commit, "digest": a.digest,
+                        "files": [c.path for c in a.manifest.contents]})
+    return out
+
+
+def defined_metrics(path: Path) -> dict[str, str]:
+    """`define_metric` declarations: metric (or glob) -> its step metric ("" when it has none)."""
+    out = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "metric":
+            m = record.metric
+            out[m.name or m.glob_name] = m.step_metric
+    return out

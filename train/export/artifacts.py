@@ -70,12 +70,16 @@ def export_model(
     val_batches: Iterable[Mapping[str, Any]] | None,
     example_images: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
+    latency: bool,
+    record: Mapping[str, Any] | None = None,
 ) -> ExportReport:
     """Write the four export files for `model` (whatever weights it holds: pass the EMA ones when EMA is on).
 
     `data_config` is timm's resolved data config; it becomes the exported preprocessing. `val_batches` are batch
     dicts (`image` uint8 [B,3,H,W], `target`, `valid`) evaluated for metrics.json; None skips evaluation.
     `example_images` (uint8 [B,3,H,W]) are the ONNX check's input; by default the first validation batch's.
+    `latency`: also measure the ONNX file's batch-1 CPU latency in onnxruntime (1 thread and all cores).
+    `record`: more values for metrics.json (the run's provenance: train.provenance).
     """
     model = copy.deepcopy(model).cpu().float().eval()
     _check_arguments(model, label_names, data_config)
@@ -96,7 +100,18 @@ def export_model(
         metrics = {"architecture": architecture, "num_classes": len(label_names)}
         metrics.update(evaluate(shipped.to(device), batches, mean=mean, std=std) if batches is not None else
                        {"top1": None, "top5": None, "val_images": 0})
+        # The export's own top-1 is always fp32 (whatever precision training validated in), on `device`.
+        metrics["precision"] = "fp32"
+        metrics["img_size"] = int(data_config["input_size"][-1])
         metrics["onnx_max_abs_diff"] = onnx_diff
+        metrics["size_mb"] = {"safetensors": (stage / WEIGHTS_FILE).stat().st_size / 1e6,
+                              "onnx": (stage / ONNX_FILE).stat().st_size / 1e6}
+        if latency:
+            from train.export.latency import latency_context, onnx_latencies
+
+            metrics["latency_ms"] = onnx_latencies(stage / ONNX_FILE, metrics["img_size"])
+            metrics["latency_context"] = latency_context()
+        metrics.update(record or {})
         _write_json(stage / METRICS_FILE, metrics)
         files = _publish(stage, out_dir)
     log.info("export: %s -> %s (top1 %s, top5 %s on %d images; ONNX max |dlogit| %.3g)", architecture, out_dir,

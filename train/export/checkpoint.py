@@ -31,8 +31,10 @@ def export_checkpoint(
     batch_size: int = 128,
     num_workers: int = 4,
     device: str | torch.device = "cpu",
+    latency: bool | None = None,
 ) -> ExportReport:
-    """Export a checkpoint of `python -m train`, evaluated on the val split of its (or the given) shard dir."""
+    """Export a checkpoint of `python -m train`, evaluated on the val split of its (or the given) shard dir.
+    `latency`, unless None, replaces the run's export_latency (batch-1 CPU latency of the ONNX file)."""
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     name = ckpt["run_config"]["model"]["name"]
@@ -40,10 +42,25 @@ def export_checkpoint(
     model = build_network(name, len(label_names), network_state(ckpt["state_dict"]))
     root = resolve_data_root(data_root, ckpt)
     _check_labels(root, label_names)
-    loader = build_val_loader(root, ckpt["data_config"], batch_size=batch_size, num_workers=num_workers)
+    loader = build_val_loader(root, ckpt["data_config"], batch_size=batch_size, num_workers=num_workers,
+                              dct_reduce=eval_dct_reduce(ckpt))
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
     return export_model(model, out, architecture=name, label_names=label_names, data_config=ckpt["data_config"],
-                        val_batches=loader, device=device)
+                        val_batches=loader, device=device, latency=_export_latency(ckpt, latency),
+                        record=_record(ckpt))
+
+
+def _export_latency(ckpt: Mapping[str, Any], override: bool | None) -> bool:
+    """The command line's choice, else the run's export_latency (on for checkpoints that predate the key)."""
+    return bool(ckpt["run_config"].get("export_latency", True)) if override is None else override
+
+
+def _record(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The training run's provenance (what it was made from) and this export's command."""
+    from train.provenance import command_line, git_state, versions
+
+    run = ckpt.get("provenance") or {}
+    return {"trained": run, "git": git_state(), "command": command_line(), "versions": versions()}
 
 
 def export_quantized(
@@ -87,13 +104,15 @@ def export_quantized(
         net = None
     root = resolve_data_root(data_root, ckpt)
     _check_labels(root, label_names)
-    loader = build_val_loader(root, data_config, batch_size=batch_size, num_workers=num_workers)
+    loader = build_val_loader(root, data_config, batch_size=batch_size, num_workers=num_workers,
+                              dct_reduce=eval_dct_reduce(ckpt))
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
     report = export_model(model, out, architecture=name, label_names=label_names, data_config=data_config,
-                          val_batches=loader)
+                          val_batches=loader, latency=_export_latency(ckpt, latency), record=_record(ckpt))
     if net is None:
         net = PTQNetwork(build_network(name, len(label_names), state), img_size=img_size, quant=quant)
         net.calibrate(build_val_loader(root, data_config, batch_size=batch_size, num_workers=num_workers,
+                                       dct_reduce=eval_dct_reduce(ckpt),
                                        split="train"),
                       mean=data_config["mean"], std=data_config["std"], limit=calib_batches)
     int8 = export_int8(net, model, out, loader, img_size=img_size, mean=data_config["mean"], std=data_config["std"],
@@ -221,14 +240,21 @@ def _check_labels(root: Path, label_names: Sequence[str]) -> None:
 
 
 def build_val_loader(root: Path, data_config: Mapping[str, Any], *, batch_size: int, num_workers: int,
-                     split: str = "val") -> Iterable:
-    """The eval preprocessing over a split (val; train for PTQ calibration)."""
+                     dct_reduce: bool, split: str = "val") -> Iterable:
+    """The eval preprocessing over a split (val; train for PTQ calibration): the standard eval pixels unless
+    `dct_reduce` (what a run with data.eval_dct_reduce=true validated on)."""
     from data_pipes.image.augment import build_eval_transform
     from data_pipes.stream.datamodule import build_eval_loader
 
     transform = build_eval_transform(data_config["input_size"][-1], crop_pct=data_config["crop_pct"],
-                                     interpolation=data_config["interpolation"])
+                                     interpolation=data_config["interpolation"], dct_reduce=dct_reduce)
     return build_eval_loader(root, transform, batch_size=batch_size, num_workers=num_workers, split=split)
+
+
+def eval_dct_reduce(ckpt: Mapping[str, Any]) -> bool:
+    """The run's data.eval_dct_reduce: the pixels its validation used (standard ones for checkpoints predating the
+    key: an export measures on those)."""
+    return bool((ckpt["run_config"].get("data") or {}).get("eval_dct_reduce", False))
 
 
 def default_out_dir(ckpt_path: Path) -> Path:
@@ -253,7 +279,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ptq-observer", choices=list(PTQ_OBSERVERS), default=None,
                         help="PTQ: how calibration sets activation ranges (default: the run's quant.ptq_observer)")
     parser.add_argument("--no-latency", dest="latency", action="store_const", const=False, default=None,
-                        help="int8: skip the batch-1 CPU latency figures (default: the run's quant.latency)")
+                        help="skip the batch-1 CPU latency figures (default: the run's export_latency and, for int8, "
+                             "quant.latency)")
     return parser.parse_args(argv)
 
 
@@ -274,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             ptq_observer=args.ptq_observer)
         else:
             report = export_checkpoint(args.ckpt, out_dir=args.out, data_root=args.data_root,
-                                       batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
+                                       batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                                       latency=args.latency)
     except (ExportError, DatasetError, QuantError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -266,7 +266,7 @@ def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module | None, float_mode
                                f"{max_top1_drop})")
     metrics["size_mb"] = {"int8_pte": pte.stat().st_size / 1e6, "int8_onnx": onnx_path.stat().st_size / 1e6}
     if latency:
-        metrics["latency_ms"] = _latencies(float_model, converted, runners, img_size, out_dir)
+        metrics["latency_ms"] = _latencies(float_model, converted, runners, img_size, onnx_path)
     metrics["pte_max_batch"] = runners["pte"].max_batch
     for failure in report.failures:
         log.error("int8 export: %s", failure)
@@ -274,19 +274,15 @@ def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module | None, float_mode
 
 
 def _latencies(float_model: nn.Module, converted: nn.Module, runners: Mapping[str, Any], img_size: int,
-               out_dir: Path) -> dict[str, float]:
-    """Batch-1 CPU ms per image: float and int8 in ExecuTorch and in onnxruntime (float files made for it here)."""
-    out = {"int8_pte": latency_ms(runners["pte"], img_size), "int8_onnx": latency_ms(runners["onnx"], img_size),
+               onnx_path: Path) -> dict[str, float]:
+    """Batch-1 CPU ms per image: int8 in onnxruntime (1 thread and all cores, as the float export measures its ONNX
+    file), int8 and float in ExecuTorch (a float program lowered here just to time it) and in PyTorch."""
+    from train.export.latency import onnx_latencies
+
+    out = {**onnx_latencies(onnx_path, img_size, prefix="int8_"), "int8_pte": latency_ms(runners["pte"], img_size),
            "float_torch": latency_ms(float_model, img_size), "int8_torch": latency_ms(converted, img_size)}
     with tempfile.TemporaryDirectory() as tmp:
         float_pte = Path(tmp) / "float.pte"
         float_file = write_pte(float_model, float_pte, img_size)
         out["float_pte"] = latency_ms(PteRunner(float_pte, float_file.dynamic, img_size), img_size)
-        float_onnx = out_dir / "model.onnx"
-        if not float_onnx.is_file():
-            from train.export.artifacts import export_onnx
-
-            float_onnx = Path(tmp) / "float.onnx"
-            export_onnx(float_model, float_onnx, torch.randn(2, 3, img_size, img_size))
-        out["float_onnx"] = latency_ms(OnnxRunner(float_onnx), img_size)
     return out

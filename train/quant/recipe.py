@@ -109,7 +109,6 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
                 min_agreement: Mapping[str, float], max_top1_drop: float, latency: bool):
     """model_int8.pte / model_int8.onnx into `export_dir` (beside the float export) and their measurements merged
     into its metrics.json; returns the `Int8Report`."""
-    import shutil
     import tempfile
 
     from train.quant.deploy import ONNX_FILE, PTE_FILE, deploy
@@ -117,8 +116,6 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
     export_dir = Path(export_dir)
     with tempfile.TemporaryDirectory(dir=export_dir.parent, prefix=".int8-") as stage:
         stage = Path(stage)
-        if (export_dir / "model.onnx").is_file():
-            shutil.copy2(export_dir / "model.onnx", stage / "model.onnx")  # the float file, for its latency
         net = net.cpu()
         fake_quant = None if isinstance(net, PTQNetwork) else net  # a calibrated PTQ graph computes in float
         report = deploy(net.graph, fake_quant, float_net.cpu(), stage, batches, img_size=img_size, mean=mean,
@@ -126,7 +123,10 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
                         latency=latency)
         metrics_file = export_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        metrics.update(report.metrics, int8_failures=report.failures)
+        for key, value in report.metrics.items():  # nested figures (sizes, latencies) join the float export's
+            metrics[key] = {**metrics[key], **value} if isinstance(value, dict) and isinstance(metrics.get(key),
+                                                                                              dict) else value
+        metrics["int8_failures"] = report.failures
         for name in (PTE_FILE, ONNX_FILE):
             (stage / name).replace(export_dir / name)
         tmp = export_dir / ".metrics.json.tmp"

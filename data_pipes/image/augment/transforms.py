@@ -120,7 +120,7 @@ class TrainTransform:
         ratio: tuple[float, float],
         interpolation: str,
         pipeline: A.Compose | None,
-        dct_reduce: bool = True,
+        dct_reduce: bool,
     ):
         self.img_size = img_size
         self.scale = scale
@@ -168,9 +168,10 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """`bytes -> np.uint8 [S, S, 3]`: timm's eval resize + centre crop, from a DCT-reduced decode where possible."""
+    """`bytes -> np.uint8 [S, S, 3]`: timm's eval resize + centre crop; with `dct_reduce`, from a DCT-reduced decode
+    where the resized size allows (faster, but not the standard eval pixels)."""
 
-    def __init__(self, img_size: int, crop_pct: float, interpolation: str, dct_reduce: bool = True):
+    def __init__(self, img_size: int, crop_pct: float, interpolation: str, dct_reduce: bool):
         _check_interpolation(interpolation, allow_random=False)
         eval_resize_size(img_size, img_size, img_size, crop_pct)  # validates crop_pct now, not per sample
         self.img_size = img_size
@@ -184,7 +185,7 @@ class EvalTransform:
 
     def __repr__(self) -> str:
         return (f"EvalTransform(img_size={self.img_size}, crop_pct={self.crop_pct}, "
-                f"interpolation={self.interpolation!r})")
+                f"interpolation={self.interpolation!r}, dct_reduce={self.dct_reduce})")
 
 
 def build_train_transform(
@@ -198,10 +199,13 @@ def build_train_transform(
     autoaugment: str | None = None,
     color_jitter: Mapping[str, Any] | None = None,
     random_erasing: Mapping[str, Any] | None = None,
-    dct_reduce: bool = True,
+    dct_reduce: bool,
 ) -> TrainTransform:
     """Build the train transform from `conf/aug/<recipe>.yaml: train` (dicts or DictConfigs both work); the recipe
     files are the only place its values are chosen, so the crop and flip settings have no defaults here.
+    `dct_reduce` (config: data.train_dct_reduce) decodes a JPEG at 1/2..1/8 scale when the crop box is large enough
+    to be resized down to the crop size from there (libjpeg-turbo's DCT scaling: the crop's pixels are then
+    slightly softer than a full decode's; bench.loader measures what it buys).
 
     interpolation: resize filter of the crop (nearest, bilinear, bicubic, lanczos, box, hamming, or 'random' =
     bilinear/bicubic per sample as timm's train default); timm/torchvision policy ops use it too.
@@ -221,11 +225,11 @@ def build_train_transform(
     return TrainTransform(int(img_size), scale_t, ratio_t, str(interpolation), pipeline, bool(dct_reduce))
 
 
-def build_eval_transform(
-    img_size: int, crop_pct: float, interpolation: str, *, dct_reduce: bool = True
-) -> EvalTransform:
+def build_eval_transform(img_size: int, crop_pct: float, interpolation: str, *, dct_reduce: bool) -> EvalTransform:
     """Decode + resize shorter side to int(img_size / crop_pct) + centre crop img_size (timm's eval transform).
-    crop_pct and interpolation come from the model's timm data config (`resolve_model_data_config`)."""
+    crop_pct and interpolation come from the model's timm data config (`resolve_model_data_config`); `dct_reduce`
+    (config: data.eval_dct_reduce, off by default) decodes JPEGs at 1/2, 1/4 or 1/8 scale where the resize allows,
+    which is faster but changes the pixels top-1 is measured on (timm's validate.py decodes in full)."""
     return EvalTransform(int(img_size), float(crop_pct), str(interpolation), bool(dct_reduce))
 
 

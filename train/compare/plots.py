@@ -1,0 +1,160 @@
+"""The charts of `python -m train.compare`, as PNG files, with the data behind each one in `plots.json`.
+
+- `val_top1_vs_epoch.png`, `val_top1_vs_images_seen.png`: val top-1 curves on the axes that line up across batch
+  sizes, device counts and accumulation (train.axes);
+- `top1_vs_macs.png`: top-1 against MACs at the trained resolution, with the paper's points of the same models
+  (and, with `zoo=True`, of the whole zoo) and the runs' Pareto front;
+- `top1_vs_latency.png`: top-1 against batch-1 CPU latency in onnxruntime (1 thread, this machine), with the
+  paper's top-1 of a run's model placed at the latency measured for it when the run used the paper's resolution;
+- `float_vs_int8.png`: each int8 runtime's top-1 against the float model's, for runs with int8 exports.
+
+Runs and the paper are often on different data (a 10-class slice against ImageNet-1k): the legend says which.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from train.compare.runs import RunData, dataset_label
+
+Series = dict[str, list[list[float]]]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_front(points: Sequence[Sequence[float]]) -> list[list[float]]:
+    """The points no other point beats on both axes (lower x, higher y), by increasing x."""
+    front: list[list[float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append([x, y])
+    return front
+
+
+def write_plots(runs: Sequence[RunData], out: Path, *, zoo: bool = False) -> dict[str, dict[str, Any]]:
+    """Write every chart the runs have data for into `out`; returns (and writes as plots.json) each chart's series."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = f"runs: {dataset_label(runs)}"
+    charts: dict[str, dict[str, Any]] = {}
+    for key, label, file in (("epoch", "epoch", "val_top1_vs_epoch.png"),
+                             ("images_seen", "training images seen (all devices)", "val_top1_vs_images_seen.png")):
+        series = {r.name: [[row[key], row["val/acc1"]] for row in r.curve] for r in runs if r.curve}
+        if series:
+            charts[file] = _lines(series, out / file, xlabel=label, ylabel="val top-1 (%)",
+                                  title=f"val top-1 against {label} ({data})")
+    charts["top1_vs_macs.png"] = _pareto(runs, out / "top1_vs_macs.png", x="model/macs_m", paper_x="macs_m",
+                                         xlabel="MACs (millions, trained resolution)", zoo=zoo, data=data)
+    if any(r.get("export/latency_ms_1thread") for r in runs):
+        charts["top1_vs_latency.png"] = _pareto(runs, out / "top1_vs_latency.png", x="export/latency_ms_1thread",
+                                                paper_x=None, xlabel="onnxruntime CPU latency, batch 1, 1 thread (ms)",
+                                                zoo=False, data=data)
+    int8 = [r for r in runs if r.get("int8/pte_top1") is not None or r.get("int8/onnx_top1") is not None]
+    if int8:
+        charts["float_vs_int8.png"] = _float_vs_int8(int8, out / "float_vs_int8.png", data=data)
+    (out / "plots.json").write_text(json.dumps(charts, indent=2) + "\n")
+    return charts
+
+
+def _lines(series: Series, path: Path, *, xlabel: str, ylabel: str, title: str) -> dict[str, Any]:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for name, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"series": series, "points": sum(len(p) for p in series.values())}
+
+
+def _pareto(runs: Sequence[RunData], path: Path, *, x: str, paper_x: str | None, xlabel: str, zoo: bool,
+            data: str) -> dict[str, Any]:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=120)
+    series: Series = {}
+    ours = [(r.name, r.get(x), r.top1) for r in runs if r.get(x) is not None and r.top1 is not None]
+    for name, px, py in ours:
+        ax.scatter([px], [py], s=36, zorder=3, label=name)
+        ax.annotate(name, (px, py), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        series[name] = [[px, py]]
+    front = pareto_front([[px, py] for _, px, py in ours])
+    if len(front) > 1:
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="black", lw=1, ls="--", zorder=2,
+                label="Pareto front of the runs")
+    paper = _paper_points(runs, x, paper_x, zoo)
+    if paper:
+        where = ", paper resolution)" if paper_x else "; latency measured here)"
+        ax.scatter([p[1] for p in paper], [p[2] for p in paper], marker="x", color="gray", zorder=2,
+                   label=f"paper top-1 (ImageNet-1k{where}")
+        for key, px, py in paper:
+            ax.annotate(key, (px, py), fontsize=6, color="gray", xytext=(3, -8), textcoords="offset points")
+        series["paper"] = [[px, py] for _, px, py in paper]
+    if paper_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel="top-1 (%)", title=f"top-1 against {xlabel.split(' (')[0]} ({data})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"series": series, "front": front, "points": sum(len(p) for p in series.values())}
+
+
+def _paper_points(runs: Sequence[RunData], x: str, paper_x: str | None, zoo: bool) -> list[tuple[str, float, float]]:
+    """(model, x, paper top-1): the runs' models (once each) or, with `zoo`, every zoo model."""
+    points: dict[str, tuple[str, float, float]] = {}
+    if zoo and paper_x:
+        from train.zoo import paper_points
+
+        for p in paper_points():
+            points[str(p["key"])] = (str(p["key"]), float(p[paper_x]), float(p["top1"]))
+    for r in runs:
+        key, top1 = r.run.get("model"), r.paper.get("top1")
+        if key is None or top1 is None:
+            continue
+        if paper_x is not None and r.paper.get(paper_x) is not None:
+            points.setdefault(key, (key, float(r.paper[paper_x]), float(top1)))
+        elif paper_x is None and r.get(x) is not None and r.paper.get("resolution") == r.run.get("img_size"):
+            points.setdefault(key, (key, float(r.get(x)), float(top1)))  # the architecture's latency, measured here
+    return list(points.values())
+
+
+def _float_vs_int8(runs: Sequence[RunData], path: Path, *, data: str) -> dict[str, Any]:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5.5), dpi=120)
+    series: Series = {}
+    for runtime, key, marker in (("ExecuTorch", "int8/pte_top1", "o"), ("onnxruntime", "int8/onnx_top1", "s"),
+                                 ("PyTorch int8", "int8/torch_top1", "^")):
+        points = [[float(r.get("int8/float_top1") or r.get("export/top1")), float(r.get(key))] for r in runs
+                  if r.get(key) is not None and (r.get("int8/float_top1") or r.get("export/top1")) is not None]
+        if points:
+            ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=runtime, zorder=3)
+            series[runtime] = points
+    for r in runs:
+        fx = r.get("int8/float_top1") or r.get("export/top1")
+        if fx is not None and r.get("int8/pte_top1") is not None:
+            ax.annotate(r.name, (fx, r.get("int8/pte_top1")), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    everything = [v for pts in series.values() for p in pts for v in p]
+    lo, hi = min(everything) - 2, max(everything) + 2
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--", label="int8 = float")
+    ax.set(xlabel="float top-1 (%)", ylabel="int8 top-1 (%)", xlim=(lo, hi), ylim=(lo, hi),
+           title=f"int8 against float, each runtime ({data})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"series": series, "points": sum(len(p) for p in series.values())}
