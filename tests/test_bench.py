@@ -62,6 +62,21 @@ def test_distill_bench_builds_both_storages_times_three_loaders_and_prints_the_r
     assert re.fullmatch(rf"ratio \(vs labels-only loader\): {RATIO} replay, {RATIO} pixels", last_line(out)), out
 
 
+def test_eval_decode_bench_measures_a_trained_model_on_standard_and_reduced_pixels(synthetic_folder,
+                                                                                  trained_teacher, tmp_path, capsys):
+    from bench.eval_decode import main
+
+    # The teacher was trained at 32 px; its 64 px photos (resized to 36 for a 32 px crop) decode at 1/1 as stored,
+    # and at 1/4 re-encoded at 160 px: both sets, both decodes.
+    assert main(["--export", str(trained_teacher), "--src", str(synthetic_folder), "--cache-dir",
+                 str(tmp_path / "cache"), "--upscale", "160", "--batch-size", "25", "--workers", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| as stored |")
+            or line.startswith("| re-encoded at 160 px |")]
+    assert len(rows) == 4  # printed as measured, then in the table
+    assert "| 50 | 1/1: 50 |" in rows[0] and "| 50 | 1/4: 50 |" in rows[1]
+    assert rows[0].split("|")[6].strip() == "+0.00"  # no photo reduced: the same pixels, the same top-1
+
+
 def test_the_slice_is_made_once_and_symlinks_the_photos(synthetic_folder, tmp_path):
     from bench.common import prepare_slice
 

@@ -113,6 +113,13 @@ def test_two_rank_ddp_qat_run_trains_both_ranks_alike_and_ships_int8_measured_in
                                           "int8_onnx_1thread", "int8_onnx_all_threads"}  # float and int8, side by side
     assert shipped["size_mb"].keys() >= {"safetensors", "onnx", "int8_pte", "int8_onnx"}
     assert shipped["size_mb"]["int8_onnx"] <= shipped["size_mb"]["onnx"]
+    # The run's comparison row holds the int8 numbers beside the float ones, and the cost of both ranks.
+    summary = json.loads((run_dir / "summary.json").read_text())["summary"]
+    assert summary["int8/pte_top1"] == shipped["int8_pte_top1"] and summary["int8/onnx_top1"] == shipped[
+        "int8_onnx_top1"]
+    assert summary["int8/pte_size_mb"] < summary["export/size_mb"] and summary["int8/latency_ms_1thread"] > 0
+    assert summary["devices"] == 2
+    assert summary["cost/device_hours"] == pytest.approx(2 * summary["cost/wall_clock_h"], rel=1e-3)
     # MNv3's squeeze-excite means stay float (XNNPACK's quantizer does not annotate mean), and the report says so.
     assert shipped["int8_kept_float"].get("mean", 0) > 0, shipped["int8_kept_float"]
     # The checkpoint holds the fake-quant network (EMA weights in state_dict, the trained ones beside them), its
