@@ -154,24 +154,41 @@ def test_compare_refuses_a_directory_that_is_not_a_run(tmp_path, runs, capsys):
     assert f"it holds 3 run(s): pass '{runs['b10'].parent}/**'" in capsys.readouterr().err
 
 
+class WandbRun:
+    """The fields of a run of W&B's public API (`wandb.Api().runs(...)`) that train.compare reads (no server here)."""
+
+    config = {"model": {"key": "mnv4_conv_s", "name": "mobilenetv4_conv_small", "paper": {"top1": 73.8}},
+              "recipe": "paper", "distill": True, "qat": False, "seed": 1}
+    summary = {"export/top1": 71.5, "model/macs_m": 186.0, "_runtime": 3, "img_size": 224}
+    path = ["me", "mobilenet", "abc123"]
+    name = "mnv4_conv_s-paper-kd-s1"
+
+    @staticmethod
+    def scan_history(keys):
+        return [{"epoch": 1.0, "images_seen": 1e6, "val/acc1": 30.0}, {"epoch": 1.5, "images_seen": 1.5e6}]
+
+
 def test_compare_reads_a_wandb_runs_summary_config_and_history_the_way_it_reads_a_run_dir():
-    from train.compare.runs import from_wandb_run
+    from train.compare.runs import CompareError, from_wandb_run, parse_filters, wandb_runs
 
-    class Run:  # what wandb.Api().runs(...) yields: config, summary, path, name, scan_history
-        config = {"model": {"key": "mnv4_conv_s", "name": "mobilenetv4_conv_small", "paper": {"top1": 73.8}},
-                  "recipe": "paper", "distill": True, "qat": False, "seed": 1}
-        summary = {"export/top1": 71.5, "model/macs_m": 186.0, "_runtime": 3, "img_size": 224}
-        path = ["me", "mobilenet", "abc123"]
-        name = "mnv4_conv_s-paper-kd-s1"
-
-        @staticmethod
-        def scan_history(keys):
-            return [{"epoch": 1.0, "images_seen": 1e6, "val/acc1": 30.0}, {"epoch": 1.5, "images_seen": 1.5e6}]
-
-    run = from_wandb_run(Run())
+    run = from_wandb_run(WandbRun())
     assert (run.name, run.top1, run.paper["top1"]) == ("mnv4_conv_s-paper-kd", 71.5, 73.8)
     assert run.curve == [{"epoch": 1.0, "images_seen": 1e6, "val/acc1": 30.0}] and "_runtime" not in run.summary
     assert run.source == "wandb:me/mobilenet/abc123"
+
+    class Api:
+        def runs(self, path, filters=None):
+            self.asked = (path, filters)
+            return [WandbRun()] if filters and filters.get("config.recipe") == "paper" else []
+
+    api = Api()
+    runs = wandb_runs("me/mobilenet", parse_filters(["tags=model:mnv4_conv_s", "recipe=paper", "seed=1"]), api=api)
+    assert api.asked == ("me/mobilenet", {"tags": {"$in": ["model:mnv4_conv_s"]}, "config.recipe": "paper",
+                                          "config.seed": 1}) and len(runs) == 1
+    with pytest.raises(CompareError, match="has no run matching"):
+        wandb_runs("me/mobilenet", {}, api=api)
+    with pytest.raises(CompareError, match="expected KEY=VALUE"):
+        parse_filters(["recipe"])
 
 
 def test_validation_decodes_the_standard_eval_pixels_by_default(synthetic_shards):

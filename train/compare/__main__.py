@@ -26,7 +26,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--zoo", action="store_true", help="the MACs chart also shows every zoo model's paper point")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None, help="read the runs from W&B (online)")
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --wandb: keep runs whose config KEY equals VALUE (e.g. model.key=mnv4_conv_s)")
+                        help="with --wandb: keep runs with this tag (tags=model:mnv4_conv_s, tags=distill:true) or "
+                             "config value (recipe=paper)")
     args = parser.parse_args(argv)
     if not args.runs and not args.wandb:
         parser.error("name run directories (or a glob such as 'runs/**'), or --wandb ENTITY/PROJECT")

@@ -116,14 +116,15 @@ def _csv_curve(path: Path) -> list[dict[str, float]]:
 
 
 def wandb_runs(project: str, filters: Mapping[str, str], *, api: Any = None) -> list[RunData]:
-    """The runs of a W&B project (`ENTITY/PROJECT`), filtered on config or summary values (`config.model.key=...`,
-    `summary.val/acc1_best>...` is not supported: equality only), read through W&B's public API."""
+    """The runs of a W&B project (`ENTITY/PROJECT`) read through W&B's public API, filtered by equality: `tags=...`
+    (our runs are tagged `model:<key>`, `recipe:<name>`, `family:<f>`, `distill:true|false`, `qat:true|false`),
+    `state=finished`, or a config value (`recipe=paper`, `seed=1`: W&B's own filter path `config.<key>`)."""
     if api is None:
         import wandb
 
         api = wandb.Api()
-    query = {key if key.startswith(("config.", "summary_metrics.", "tags", "state")) else f"config.{key}": _value(v)
-             for key, v in filters.items()}
+    query = {("tags" if key == "tags" else key if key.startswith(("config.", "summary_metrics.", "state")) else
+              f"config.{key}"): {"$in": [v]} if key == "tags" else _value(v) for key, v in filters.items()}
     runs = [from_wandb_run(r) for r in api.runs(project, filters=query or None)]
     if not runs:
         raise CompareError(f"W&B project {project} has no run matching {dict(filters) or 'anything'}")
