@@ -1,7 +1,7 @@
 """What does int8 cost, and what does QAT buy over PTQ? Float, PTQ and QAT int8 of three MobileNets, trained by our
 pipeline on real photos (Imagenette), each int8 file measured in the runtime that runs it.
 
-    python -m bench.qat_evidence                        # all three models (~40 min on 2 CPU cores; stages cached)
+    python -m bench.qat_evidence                        # all three models (~45 min on 2 CPU cores; stages cached)
     python -m bench.qat_evidence --models mnv3_s_100    # one model
 
 Data: every Imagenette train photo (9,469) and the whole val split (3,925) of `../shared/data/imagenette2-224`,
@@ -15,8 +15,8 @@ as shards made once under --cache-dir (shared with bench.distill_evidence). For 
 "QAT - float" compares the QAT int8 ExecuTorch model with the float model it started from.
 Every top-1 is on the whole val split, with the float model's eval preprocessing: int8 PyTorch (the converted
 model), ExecuTorch (model_int8.pte on XNNPACK) and onnxruntime (model_int8.onnx, QDQ). Sizes are the files' bytes;
-latency is batch 1, ms per image, median of 30 on this CPU, measured by the export (float and int8 in each
-runtime). Every stage is cached (a finished run's export is reused), so a killed run resumes where it stopped.
+latency is batch 1, ms per image, the median of repeated runs on this CPU, measured by the export (float and int8
+in ExecuTorch; onnxruntime on 1 thread). Every stage is cached (a finished run's export is reused), so a killed run resumes where it stopped.
 The table goes to stdout and to <cache-dir>/qat_evidence.md.
 """
 

@@ -72,12 +72,7 @@ def _lines(series: Series, path: Path, *, xlabel: str, ylabel: str, title: str) 
     for name, points in series.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return {"series": series, "points": sum(len(p) for p in series.values())}
+    return _save(fig, ax, path, series)
 
 
 def _pareto(runs: Sequence[RunData], path: Path, *, x: str, paper_x: str | None, xlabel: str, zoo: bool,
@@ -105,12 +100,7 @@ def _pareto(runs: Sequence[RunData], path: Path, *, x: str, paper_x: str | None,
     if paper_x:
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel="top-1 (%)", title=f"top-1 against {xlabel.split(' (')[0]} ({data})")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return {"series": series, "front": front, "points": sum(len(p) for p in series.values())}
+    return {**_save(fig, ax, path, series, legend="lower right"), "front": front}
 
 
 def _paper_points(runs: Sequence[RunData], x: str, paper_x: str | None, zoo: bool) -> list[tuple[str, float, float]]:
@@ -152,9 +142,14 @@ def _float_vs_int8(runs: Sequence[RunData], path: Path, *, data: str) -> dict[st
     ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--", label="int8 = float")
     ax.set(xlabel="float top-1 (%)", ylabel="int8 top-1 (%)", xlim=(lo, hi), ylim=(lo, hi),
            title=f"int8 against float, each runtime ({data})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    return _save(fig, ax, path, series)
+
+
+def _save(fig: Any, ax: Any, path: Path, series: Series, legend: str = "best") -> dict[str, Any]:
+    """Grid, legend, the PNG; the chart's data for plots.json."""
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc=legend)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
     return {"series": series, "points": sum(len(p) for p in series.values())}
