@@ -16,8 +16,8 @@ as shards made once under --cache-dir (shared with bench.distill_evidence). For 
 Every top-1 is on the whole val split, with the float model's eval preprocessing: int8 PyTorch (the converted
 model), ExecuTorch (model_int8.pte on XNNPACK) and onnxruntime (model_int8.onnx, QDQ). Sizes are the files' bytes;
 latency is batch 1, ms per image, the median of repeated runs on this CPU, measured by the export (float and int8
-in ExecuTorch; onnxruntime on 1 thread). Every stage is cached (a finished run's export is reused), so a killed run resumes where it stopped.
-The table goes to stdout and to <cache-dir>/qat_evidence.md.
+in ExecuTorch; onnxruntime on 1 thread). Every stage is cached (a finished run's export is reused), so a killed run
+resumes where it stopped. The table goes to stdout and to <cache-dir>/qat_evidence.md.
 """
 
 from __future__ import annotations
