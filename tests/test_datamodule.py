@@ -107,3 +107,27 @@ def test_the_health_monitor_stops_mid_epoch_once_the_epoch_allowance_is_spent(tm
     with pytest.raises(DataError, match="'train' samples could not be read"):
         trainer(callbacks=[DataHealthMonitor(check_every_n_batches=1)], limit_val_batches=0).fit(module, datamodule=dm)
     assert module.train_batches == 4
+
+
+def test_a_process_that_raises_while_its_loader_workers_live_still_exits():
+    """Loader workers ignore the job's SIGTERM (the trainer acts on it); a run that dies with its workers alive must
+    not then wait forever for them at exit (multiprocessing's exit hook SIGTERMs and joins them)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from torch.utils.data import DataLoader, IterableDataset\n"
+        "from data_pipes.stream.loader import init_loader_worker\n"
+        "class Forever(IterableDataset):\n"
+        "    def __iter__(self):\n"
+        "        while True:\n"
+        "            yield torch.zeros(1)\n"
+        "loader = DataLoader(Forever(), batch_size=None, num_workers=2, worker_init_fn=init_loader_worker,\n"
+        "                    persistent_workers=True)\n"
+        "batches = iter(loader)\n"
+        "next(batches)\n"
+        "raise SystemExit(3)  # the iterator, and its workers, are still alive\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr[-2000:]

@@ -101,6 +101,22 @@ def test_a_signal_checkpoints_at_the_next_step_and_the_default_ckpt_path_resumes
 
 
 @pytest.mark.slow
+def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_the_resumed_log_keeps_every_row_once(
+        tmp_path, synthetic_shards, uninterrupted):
+    from train.requeue import Requeued
+
+    a_dir, _ = uninterrupted
+    # Seen at the end of the epoch's last batch (step 12): the stop waits for the validation that follows; the resumed
+    # run then ends the epoch (its epoch-end row) and goes on. The CSV must keep the interrupted segment's last train
+    # row and validation row, and hold the epoch-end row once (a CI run once lost the first two).
+    with pytest.raises(Requeued, match=f"at step {STEPS_PER_EPOCH};"):
+        run(synthetic_shards, tmp_path, callbacks=[SignalAt(STEPS_PER_EPOCH - 1, signal.SIGUSR1)])
+    run(synthetic_shards, tmp_path)
+    for key in ("train/loss", "val/acc1", "train/acc1_epoch", "data/bad_samples", "epoch", "images_seen"):
+        assert logged(tmp_path, key) == logged(a_dir, key), key
+
+
+@pytest.mark.slow
 def test_a_signalled_run_closes_its_wandb_segment_and_the_restart_continues_the_same_run_id(tmp_path,
                                                                                               synthetic_shards):
     from train.requeue import Requeued

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from train.axes import ComparableAxes
 from train.throughput import ThroughputLogger
+from train.tracking import ContinueLogs
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,7 @@ def build_callbacks(
     # finds the newest state under one name.
     callbacks: list[Callback] = [
         ComparableAxes(),  # before anything that sends a row (RequeueOnSignal's last one included)
+        ContinueLogs(),
         StepCheckpoint(dirpath=checkpoints, filename="step-{step}", every_n_train_steps=every_n_train_steps,
                         save_last=True, save_top_k=0, enable_version_counter=False),
         ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc1", mode="max", save_top_k=save_top_k,

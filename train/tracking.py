@@ -13,19 +13,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
+from train.axes import EPOCH, IMAGES_SEEN
+
+AXES = ("step", EPOCH, IMAGES_SEEN)  # in every row: they say where a row is, not what it logged
+
 
 class AppendingCSVWriter(ExperimentWriter):
     """Lightning's CSV writer, made to continue the metrics.csv of a run it resumes (same run directory) instead of
-    deleting it. Rows of the interrupted segment from the first step the resumed run logs on are dropped (it trains
-    and logs those steps again), so each step appears once; columns of both segments are kept."""
+    deleting it, so that each row appears once; columns of both segments are kept.
+
+    Kept from the interrupted segment: its rows before `resume_step` (the global step training resumes from,
+    set at train start by `ContinueLogs`), except a row whose values the resumed run logs again at the same step
+    (the epoch-end row of an epoch whose last batch was checkpointed after its validation). Rows from the resume
+    step on are dropped: the resumed run trains and logs those steps again. Without `resume_step`, the first step
+    the resumed run logs stands in for it."""
 
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
+        self.resume_step: int | None = None
         self._previous: list[dict[str, str]] | None = None
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as f:
@@ -37,15 +48,25 @@ class AppendingCSVWriter(ExperimentWriter):
         """Nothing to check: an existing log is continued (Lightning's writer deletes it here)."""
 
     def save(self) -> None:
-        if self._previous is not None and self.metrics:
-            first = min(int(m["step"]) for m in self.metrics)
-            kept = [row for row in self._previous if row.get("step") and int(float(row["step"])) < first]
+        if self._previous is not None and (self.metrics or self.resume_step is not None):
+            again: dict[int, set[str]] = {}  # step -> values the resumed run has logged at it (axes aside)
+            for m in self.metrics:
+                again.setdefault(int(m["step"]), set()).update(k for k in m if k not in AXES)
+            resume = self.resume_step if self.resume_step is not None else min(again)
+
+            def kept(row: dict[str, str]) -> bool:
+                if not row.get("step") or int(float(row["step"])) >= resume:
+                    return False
+                logged = {k for k, v in row.items() if v not in ("", None) and k not in AXES}
+                return not logged & again.get(int(float(row["step"])), set())
+
+            kept_rows = [row for row in self._previous if kept(row)]
             self._record_new_keys()
             tmp = f"{self.metrics_file_path}.tmp"
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
                 writer.writeheader()
-                writer.writerows(kept)
+                writer.writerows(kept_rows)
             os.replace(tmp, self.metrics_file_path)
             self._previous = None
         super().save()
@@ -61,6 +82,16 @@ class AppendingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingCSVWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class ContinueLogs(Callback):
+    """Tells the CSV log which global step training resumes from (0 for a fresh start), once Lightning has restored
+    it: the interrupted segment's rows from that step on are replaced by the resumed run's."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, AppendingCSVLogger) and rank_zero_only.rank == 0:
+                logger.experiment.resume_step = trainer.global_step
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ by a good one (`valid=False`) and counted in `bad`, so shapes never change.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing
 import random
@@ -312,6 +313,33 @@ def _collate(images: list, targets: list, keys: list, valid: list, bad_keys: lis
 # What a cluster sends to every process of a job (slurmstepd signals the whole process tree, loader workers too):
 # the training process checkpoints on them at its next safe step (train/requeue.py), which needs its workers alive.
 JOB_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def _kill_loader_workers_at_exit() -> None:
+    """Loader workers still alive when the main process exits (a run that raised mid-epoch, its iterator held by a
+    traceback) must not keep it from exiting. multiprocessing's own exit hook, which runs after this one, SIGTERMs
+    its daemonic children and waits for them, and loader workers ignore SIGTERM (init_loader_worker). So this hook
+    does that first, and SIGKILLs the children still alive a moment later (a worker that ignores SIGTERM, or one
+    still starting that will)."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if not children:
+        return
+    # torch's SIGCHLD handler would raise "worker killed by signal" into this hook: the process is leaving anyway.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=0.5)
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=5)
+
+
+# multiprocessing.util registers its exit hook when it is first imported: import it before registering ours, so that
+# ours (atexit runs hooks last-registered first) kills the workers before that hook waits for them.
+import multiprocessing.util  # noqa: E402
+
+atexit.register(_kill_loader_workers_at_exit)
 
 
 def init_loader_worker(worker_id: int) -> None:
