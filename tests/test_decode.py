@@ -236,3 +236,18 @@ def test_an_image_past_pils_pixel_limit_is_refused_whatever_the_decoder(monkeypa
     data = _encode(_photo_like(64, 48))  # 3072 pixels
     with pytest.raises(BadImage, match="too large to decode safely"):
         open_image(data)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_shrinking_resize_is_torchs_antialiased_interpolate_pixel_for_pixel_and_returns_hwc(interpolation):
+    import torch
+
+    img = np.random.default_rng(1).integers(0, 256, (203, 311, 3), dtype=np.uint8)
+    read_only = img.copy()
+    read_only.flags.writeable = False  # e.g. a decoded buffer
+    for src in (img, img[10:190, 7:300], read_only):  # contiguous, strided, read-only
+        out = resize(src, 120, 90, interpolation)
+        x = torch.from_numpy(np.ascontiguousarray(src)).permute(2, 0, 1).unsqueeze(0)
+        ref = torch.nn.functional.interpolate(x, size=(90, 120), mode=interpolation, antialias=True)
+        assert out.shape == (90, 120, 3) and out.flags.c_contiguous
+        assert np.array_equal(out, ref[0].permute(1, 2, 0).numpy())

@@ -100,9 +100,10 @@ class RunSummary(Callback):
         if export_metrics:
             self.values.update(export_summary(export_metrics))
         self.values["global_step"] = trainer.global_step
-        self._write(trainer)
-        record_summary(loggers, self.flat())
-        return self.flat()
+        row = self.flat()  # one reading of the clock: summary.json and W&B hold the same cost values
+        self._write(trainer, row)
+        record_summary(loggers, row)
+        return row
 
     def flat(self) -> dict[str, Any]:
         values = {**self.values, **_cost(self.clock)}
@@ -114,9 +115,9 @@ class RunSummary(Callback):
         final, best = self.values.get("val/acc1_final"), self.values.get("val/acc1_best")
         return final is not None and best is not None and final >= best
 
-    def _write(self, trainer: Trainer) -> None:
+    def _write(self, trainer: Trainer, row: dict[str, Any] | None = None) -> None:
         if trainer.is_global_zero:
-            _write_summary(self.path, {"format": FORMAT, "run": self.run, "summary": self.flat(),
+            _write_summary(self.path, {"format": FORMAT, "run": self.run, "summary": row or self.flat(),
                                        "paper": self.paper, "provenance": self.provenance})
 
 
