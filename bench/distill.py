@@ -3,6 +3,7 @@ the labels-only loader, in one run.
 
     python -m bench.distill                               # imagenette slice, crop 160, teacher mnv3_l_100 at 224
     python -m bench.distill --teacher runs/teacher/export # a trained teacher of ours (the cost is the same)
+    python -m bench.distill --upscale 500                 # the photos re-encoded at ImageNet-like sizes
     python -m bench.distill --device cuda --workers 8 --batch-size 256 --build-batch 512   # a GPU box
 
 Build: `python -m distill.build`'s `build(cfg)` on D1 (RandAugment l2m9) + D2 (extreme mixup), --replicas each, in
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build-batch", type=int, default=128, help="views per teacher forward pass (default: 128)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="ImageNet-layout folder (default: %(default)s)")
+    p.add_argument("--upscale", type=int, default=None, metavar="PX",
+                   help="re-encode the slice as JPEGs with this shorter side, e.g. 500 (ImageNet-like sizes: every "
+                        "loader decodes its source photos, so their size is part of what is measured)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of --upscale (default: 90)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="slice, shards, sets (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     return p
@@ -167,13 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     shuffle_window = compose_config([]).data.shuffle_window
     needed = images_needed(args.warmup + args.batches + PREFETCH * args.workers, args.batch_size, args.workers,
                            shuffle_window)
-    data = prepare_slice(args.src, cache, train_per_class=per_class_for(args.src, needed), workers=args.workers)
+    data = prepare_slice(args.src, cache, train_per_class=per_class_for(args.src, needed), upscale=args.upscale,
+                         quality=args.quality, workers=args.workers)
     from data_pipes.shards.metadata import read_info
 
     teacher = teacher_spec(args, list(read_info(data.shards).label_names), cache)
     log = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
     print(f"machine: {machine_summary(device)}")
-    print(f"data: {data.train_images} train images of {data.num_classes} classes ({data.shards}); teacher "
+    source = f"re-encoded at {args.upscale}px shorter side, JPEG q{args.quality}" if args.upscale else "as stored"
+    print(f"data: {data.train_images} train images of {data.num_classes} classes ({source}; {data.shards}); teacher "
           f"{' '.join(teacher)}")
 
     sets = {mode: cache / f"kd-{mode}-{data.shards.name}" for mode in ("params", "pixels")}
