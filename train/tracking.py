@@ -55,10 +55,13 @@ class AppendingCSVWriter(ExperimentWriter):
             resume = self.resume_step if self.resume_step is not None else min(again)
 
             def kept(row: dict[str, str]) -> bool:
-                if not row.get("step") or int(float(row["step"])) >= resume:
+                if not row.get("step"):
+                    return False
+                step = int(float(row["step"]))
+                if step >= resume:
                     return False
                 logged = {k for k, v in row.items() if v not in ("", None) and k not in AXES}
-                return not logged & again.get(int(float(row["step"])), set())
+                return not logged & again.get(step, set())
 
             kept_rows = [row for row in self._previous if kept(row)]
             self._record_new_keys()

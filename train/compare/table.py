@@ -18,6 +18,11 @@ def _flag(value: Any) -> str:
     return "yes" if value else ""
 
 
+def _summary(header: str, key: str, spec: str) -> Column:
+    """A column holding one value of the run's summary (train.summary's key)."""
+    return header, lambda r: r.get(key), spec
+
+
 COLUMNS: list[Column] = [
     ("run", lambda r: r.name, "s"),
     ("model", lambda r: r.run.get("model"), "s"),
@@ -25,27 +30,27 @@ COLUMNS: list[Column] = [
     ("kd", lambda r: _flag(r.run.get("distill")), "s"),
     ("qat", lambda r: _flag(r.run.get("qat")), "s"),
     ("img", lambda r: r.get("img_size") or r.run.get("img_size"), "d"),
-    ("epochs", lambda r: r.get("epochs"), ".3g"),
-    ("val top-1 best", lambda r: r.get("val/acc1_best"), ".2f"),
-    ("val top-1 final", lambda r: r.get("val/acc1_final"), ".2f"),
-    ("val top-5 best", lambda r: r.get("val/acc5_best"), ".2f"),
-    ("val precision", lambda r: r.get("val/precision"), "s"),
-    ("export top-1 (fp32)", lambda r: r.get("export/top1"), ".2f"),
-    ("export top-5", lambda r: r.get("export/top5"), ".2f"),
-    ("int8 top-1 ExecuTorch", lambda r: r.get("int8/pte_top1"), ".2f"),
-    ("int8 top-1 onnxruntime", lambda r: r.get("int8/onnx_top1"), ".2f"),
+    _summary("epochs", "epochs", ".3g"),
+    _summary("val top-1 best", "val/acc1_best", ".2f"),
+    _summary("val top-1 final", "val/acc1_final", ".2f"),
+    _summary("val top-5 best", "val/acc5_best", ".2f"),
+    _summary("val precision", "val/precision", "s"),
+    _summary("export top-1 (fp32)", "export/top1", ".2f"),
+    _summary("export top-5", "export/top5", ".2f"),
+    _summary("int8 top-1 ExecuTorch", "int8/pte_top1", ".2f"),
+    _summary("int8 top-1 onnxruntime", "int8/onnx_top1", ".2f"),
     ("paper top-1", lambda r: r.get("paper/top1") or r.paper.get("top1"), ".1f"),
-    ("params M", lambda r: r.get("model/params_m"), ".2f"),
-    ("MACs M", lambda r: r.get("model/macs_m"), ".1f"),
+    _summary("params M", "model/params_m", ".2f"),
+    _summary("MACs M", "model/macs_m", ".1f"),
     ("paper MACs M", lambda r: r.get("paper/macs_m") or r.paper.get("macs_m"), ".0f"),
-    ("train img/s", lambda r: r.get("perf/train_images_per_sec"), ",.0f"),
-    ("wall h", lambda r: r.get("cost/wall_clock_h"), ".3g"),
-    ("device-h", lambda r: r.get("cost/device_hours"), ".3g"),
-    ("size MB", lambda r: r.get("export/size_mb"), ".2f"),
-    ("int8 MB", lambda r: r.get("int8/pte_size_mb"), ".2f"),
-    ("ORT ms 1 thread", lambda r: r.get("export/latency_ms_1thread"), ".3g"),
-    ("ORT ms all threads", lambda r: r.get("export/latency_ms_all_threads"), ".3g"),
-    ("int8 ORT ms 1 thread", lambda r: r.get("int8/latency_ms_1thread"), ".3g"),
+    _summary("train img/s", "perf/train_images_per_sec", ",.0f"),
+    _summary("wall h", "cost/wall_clock_h", ".3g"),
+    _summary("device-h", "cost/device_hours", ".3g"),
+    _summary("size MB", "export/size_mb", ".2f"),
+    _summary("int8 MB", "int8/pte_size_mb", ".2f"),
+    _summary("ORT ms 1 thread", "export/latency_ms_1thread", ".3g"),
+    _summary("ORT ms all threads", "export/latency_ms_all_threads", ".3g"),
+    _summary("int8 ORT ms 1 thread", "int8/latency_ms_1thread", ".3g"),
 ]
 
 

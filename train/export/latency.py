@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipes.shards.make import default_workers  # the CPUs this process may use
+
 REPEATS = 50
 WARMUP = 5
 
@@ -28,10 +30,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def onnx_latency_ms(path: str | os.PathLike, img_size: int, *, threads: int, repeats: int = REPEATS) -> float:
@@ -63,4 +61,4 @@ def onnx_latencies(path: str | os.PathLike, img_size: int, *, prefix: str = "") 
 
 def latency_context() -> dict[str, object]:
     """Where the latency figures were measured."""
-    return {"cpu": cpu_name(), "cores": available_cores(), "batch": 1, "repeats": REPEATS, "statistic": "median"}
+    return {"cpu": cpu_name(), "cores": default_workers(), "batch": 1, "repeats": REPEATS, "statistic": "median"}
