@@ -20,6 +20,13 @@ LightningModule does):
 Each run starts fresh workers, skips --warmup batches, then times --batches batches; runs alternate, medians are
 reported, the ratios against labels only are the last line (goals: replay >= 0.5x, pixels >= 0.9x).
 
+Replay cost (last table): the views of the first --cost-batches batches re-rendered in this process (one thread,
+as in a worker) through the loader's own calls, each timed (read, decode, crop, RandAugment, blend, JPEG round trip,
+student resize) and checked against the loader's render, beside both loaders' end-to-end ms per image without
+workers. Its last line is the bound those calls put on the replay ratio whatever else is trimmed: with every core
+busy, images/s ~ cores / CPU ms per image, so replay reaches 0.5x only if its CPU ms per image (library calls + the
+main process's share) is at most twice the labels-only loader's.
+
 The teacher: --teacher PATH (an export or checkpoint of ours), or a timm name (default mobilenetv3_large_100) whose
 freshly initialised weights are saved to the cache: the teacher's cost does not depend on its weights' values.
 """
@@ -30,6 +37,7 @@ import argparse
 import gc
 import json
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -141,6 +149,111 @@ def timed_loader(make, opts: Options) -> tuple[float, float, float]:
         gc.collect()
 
 
+STEPS = ("read the source sample(s)", "decode the source JPEG(s)", "crop -> view size", "recorded flip",
+         "RandAugment layers", "mixup blend", "JPEG encode (round trip)", "JPEG decode (round trip)",
+         "student resize + flip")
+
+
+def replay_steps(stream, batches: int) -> tuple[dict[str, float], int]:
+    """Seconds spent in each library call that re-renders the stored views of `batches` batches, in this process,
+    one call at a time: the loader's own functions, samples read a source at a time per batch as the loader reads
+    them, and every view checked against the loader's render. One batch first warms the caches, uncounted."""
+    import cv2
+    import numpy as np
+    import simplejpeg
+
+    from data_pipes.image.decode import Box, load_region, open_image, resize
+    from data_pipes.image.views import blend, jpeg_encode
+
+    size, interpolation = stream.student_size, stream.student_interpolation
+    flips = np.random.default_rng(0).random((batches + 1) * stream.batch_size) < stream.hflip
+    spent, views, rendered = dict.fromkeys(STEPS, 0.0), 0, []
+
+    def clock(step: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        spent[step] += time.perf_counter() - start
+        return out
+
+    def render(source, record, raw: dict, members: list[int]) -> np.ndarray:
+        recipe, parts = source.recipe, []
+        for part, member in zip("ab", members):
+            rec, src = record[part], open_image(raw[member]["jpg"])
+            arr, region = clock(STEPS[1], load_region, src, Box(*(int(v) for v in rec["box"])), recipe.size)
+            rows, cols = region.pixels(arr.shape[1], arr.shape[0])
+            img = clock(STEPS[2], resize, arr[rows, cols], recipe.size, recipe.size, recipe.interpolation)
+            if rec["flip"]:
+                img = clock(STEPS[3], cv2.flip, img, 1)
+            parts.append(clock(STEPS[4], recipe.augment, img, rec))
+        view = clock(STEPS[5], blend, *parts, np.float32(record["lam"])) if recipe.mixes else parts[0]
+        if int(record["quality"]):
+            encoded = clock(STEPS[6], jpeg_encode, view, int(record["quality"]))
+            view = clock(STEPS[7], simplejpeg.decode_jpeg, encoded, "RGB")
+        rendered.append((recipe, record, [raw[m]["jpg"] for m in members], view))
+        return view
+
+    for batch in [batches, *range(batches)]:
+        if batch == 0:
+            spent, views, rendered = dict.fromkeys(STEPS, 0.0), 0, []
+        items = stream.batch_items(0, batch)
+        for s, source in enumerate(stream.sources):
+            located = stored_records(source, [item for item in items if item.source == s])
+            raw = clock(STEPS[0], source.reader.read, [m for _, members in located for m in members])
+            for record, members in located:
+                student = clock(STEPS[8], resize, render(source, record, raw, members), size, size, interpolation)
+                if flips[views]:
+                    clock(STEPS[8], cv2.flip, student, 1)
+                views += 1
+    # Checked after the timing, so that rendering every view twice does not evict the one being timed from the cache.
+    if any(not np.array_equal(view, recipe.render(record, *data)) for recipe, record, data, view in rendered):
+        raise SystemExit("bench.distill: the step-by-step render differs from the loader's; update replay_steps")
+    return spent, views
+
+
+def stored_records(source, items: list) -> list[tuple]:
+    """(view record, [member, partner if it mixes]) of each item of a stored-views source."""
+    out = []
+    for item in items:
+        block, offset = source.reader.block_of(item.member)
+        record = source._records(block)[item.pass_ % source.replicas, offset]["view"]
+        out.append((record, [item.member, int(record["partner"])] if source.recipe.mixes else [item.member]))
+    return out
+
+
+def one_process_ms(loader, batches: int) -> float:
+    """Milliseconds per image of `batches` batches from a loader without workers (the first one untimed)."""
+    it = iter(loader)
+    next(it)
+    start, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += next(it)["image"].shape[0]
+    return (time.perf_counter() - start) * 1000 / images
+
+
+def print_replay_cost(steps: dict[str, float], views: int, replay_ms: float, labels_ms: float, runs: dict) -> None:
+    """Where a replayed view's time goes, and the best ratio replay could reach if nothing but those calls ran."""
+    per_view = {step: 1000 * s / views for step, s in steps.items()}
+    total = sum(per_view.values())
+    print(f"\nReplay, one process, {views} views: milliseconds per view in each library call")
+    print(f"{'step':<44} {'ms/view':>8} {'share':>6}")
+    print("-" * 60)
+    for step, ms in per_view.items():
+        print(f"{step:<44} {ms:8.3f} {ms / replay_ms:6.0%}")
+    print(f"{'library calls, total':<44} {total:8.3f} {total / replay_ms:6.0%}")
+    print(f"{'replay loader, end to end (no workers)':<44} {replay_ms:8.3f}   (the rest: Python between the calls, "
+          f"collation)")
+    print(f"{'labels-only loader, end to end (no workers)':<44} {labels_ms:8.3f}")
+    # With every core busy, images/s ~ cores / CPU ms per image; the main process's share (unpickling, normalising)
+    # comes from the timed runs above. Replay with no glue at all would cost its library calls + that share.
+    labels_cpu = statistics.median(runs["labels"].cpu_ms)
+    replay_main = statistics.median(runs["replay"].cpu_ms) - statistics.median(runs["replay"].worker_ms)
+    goal = GOALS["replay"]
+    print(f"bound: {goal}x needs replay at <= {labels_cpu / goal:.2f} CPU ms per image (labels only: "
+          f"{labels_cpu:.2f}), i.e. <= {labels_cpu / goal - replay_main:.2f} ms per view in the workers besides the "
+          f"main process's {replay_main:.2f}; these library calls alone take {total:.2f} ms, so replay tops out near "
+          f"{labels_cpu / (total + replay_main):.2f}x however little else its workers do")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.distill", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "loader decodes its source photos, so their size is part of what is measured)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of --upscale (default: 90)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="slice, shards, sets (default: %(default)s)")
+    p.add_argument("--cost-batches", type=int, default=10,
+                   help="batches of the one-process replay cost table (default: 10)")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     return p
 
@@ -227,6 +342,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bytes per view: params {builds['params'][2]:.1f}, pixels {builds['pixels'][2]:.1f}; build views/s: params "
           f"{builds['params'][0]:.1f}, pixels {builds['pixels'][0]:.1f}")
     print("ratio (vs labels-only loader): " + ", ".join(f"{r:.2f}x {k}" for k, r in ratios.items()), flush=True)
+
+    # One thread for torch and OpenCV, as in a loader worker (init_loader_worker), so the calls cost what they do there.
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)
+    in_process = argparse.Namespace(**{**vars(args), "workers": 0})
+    replay = distill_loader(compose_config(overrides(in_process, data, teacher, sets["params"])), args.img_size)
+    labels = labels_only_loader(compose_config([f"data.root={data.shards}", f"data.batch_size={args.batch_size}",
+                                                "data.num_workers=0", "seed=0", "aug=inception"]), args.img_size)
+    steps, views = replay_steps(replay.dataset, args.cost_batches)
+    print_replay_cost(steps, views, one_process_ms(replay, args.cost_batches),
+                      one_process_ms(labels, args.cost_batches), runs)
     return 0
 
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data_pipes.image.decode import open_image
-from data_pipes.image.views import ViewRecipe, checksum
+from data_pipes.image.views import ViewRecipe, blend, checksum
 from data_pipes.shards.metadata import read_info
 from data_pipes.stream.mixture import MixtureStream, SourceReader, batch_counts, integer_weights, source_blocks
 from distill.kdset import KDSetError, dequantize, read_block
@@ -75,6 +75,18 @@ def test_a_view_rendered_again_from_its_record_has_the_same_pixels(recipe, image
         seen.add(checksum(first))
     assert len(seen) == len(data)  # views differ from image to image
     assert views.dtype.itemsize <= 40  # parameters of a view: tens of bytes, not kilobytes
+
+
+def test_mixup_blend_is_the_float32_formula_for_every_pixel_pair_and_refuses_ratios_outside_0_1():
+    # every (a, b) pair of uint8 values, against the formula written out in numpy (clipped and rounded)
+    a = np.repeat(np.arange(256, dtype=np.uint8), 256).reshape(256, 256, 1).repeat(3, axis=2)
+    b = np.tile(np.arange(256, dtype=np.uint8), 256).reshape(256, 256, 1).repeat(3, axis=2)
+    ratios = [0.0, 1.0, 0.5, 0.25, 1 / 3, *np.random.default_rng(0).random(40)]
+    for lam in map(np.float32, ratios):
+        expected = np.clip(np.rint(a.astype(np.float32) * lam + b.astype(np.float32) * (np.float32(1) - lam)), 0, 255)
+        assert np.array_equal(blend(a, b, lam), expected.astype(np.uint8)), lam
+    with pytest.raises(ValueError, match="mixup ratio"):
+        blend(a, b, np.float32(1.5))
 
 
 def test_recipes_that_cannot_be_replayed_are_refused():

@@ -164,9 +164,7 @@ class ViewRecipe:
             if partner_data is None:
                 raise ValueError("a mixup view needs its partner's bytes")
             other = self._render_image(record["b"], partner_data, ops)
-            lam = np.float32(record["lam"])
-            mixed = view.astype(np.float32) * lam + other.astype(np.float32) * (np.float32(1) - lam)
-            view = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+            view = blend(view, other, np.float32(record["lam"]))
         quality = int(record["quality"])
         if not quality:
             return view, None
@@ -178,6 +176,11 @@ class ViewRecipe:
         img = crop_resize(open_image(data), Box(left, top, width, height), self.size, self.interpolation)
         if rec["flip"]:
             img = cv2.flip(img, 1)  # the same pixels as img[:, ::-1], without a strided copy
+        return self.augment(img, rec, ops)
+
+    def augment(self, img: np.ndarray, rec: np.void, ops: tuple[PolicyOp, ...] | None = None) -> np.ndarray:
+        """The RandAugment layers of one image's record (`rec`: record["a"] or ["b"]) applied to its crop."""
+        ops = self.ops() if ops is None else ops
         for layer in range(self.layers):
             choice = int(rec["op"][layer])
             if choice == NO_OP:
@@ -200,6 +203,22 @@ def _policy_ops(randaugment: RandAugmentConfig | None, interpolation: str) -> tu
     style, upper = randaugment_style(randaugment, interpolation)
     return tuple(PolicyOp(op, randaugment.magnitude, style, randaugment.magnitude_std, upper)
                  for op in randaugment_ops(randaugment))
+
+
+def blend(view: np.ndarray, other: np.ndarray, lam: np.float32) -> np.ndarray:
+    """rint(view * lam + other * (1 - lam)) in float32, as uint8: the mixup of two views.
+
+    Plain IEEE float32 products and sums (numpy's ufuncs never fuse them into an FMA), so every machine renders the
+    same pixels; OpenCV's addWeighted would be faster but rounds differently where its SIMD path fuses. No clip: a
+    convex combination of values in [0, 255] rounds into [0, 255]."""
+    if not 0 <= lam <= 1:
+        raise ValueError(f"a mixup ratio must be in [0, 1], got {lam} (a damaged view record?)")
+    mixed = view.astype(np.float32)
+    mixed *= lam
+    scaled = other.astype(np.float32)
+    scaled *= np.float32(1) - lam
+    mixed += scaled
+    return np.rint(mixed, out=mixed).astype(np.uint8)
 
 
 def jpeg_encode(view: np.ndarray, quality: int) -> bytes:
