@@ -254,6 +254,27 @@ def print_replay_cost(steps: dict[str, float], views: int, replay_ms: float, lab
           f"{labels_cpu / (total + replay_main):.2f}x however little else its workers do")
 
 
+def replay_cost(args, data, teacher: list[str], params_sets: Path, runs: dict) -> None:
+    """The replay cost table: loaders without workers, in this process, with one thread for torch and OpenCV as in
+    a loader worker (init_loader_worker), so that the calls cost what they cost there."""
+    import cv2
+
+    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)
+    try:
+        in_process = argparse.Namespace(**{**vars(args), "workers": 0})
+        replay = distill_loader(compose_config(overrides(in_process, data, teacher, params_sets)), args.img_size)
+        labels = labels_only_loader(compose_config([f"data.root={data.shards}", f"data.batch_size={args.batch_size}",
+                                                    "data.num_workers=0", "seed=0", "aug=inception"]), args.img_size)
+        steps, views = replay_steps(replay.dataset, args.cost_batches)
+        print_replay_cost(steps, views, one_process_ms(replay, args.cost_batches),
+                          one_process_ms(labels, args.cost_batches), runs)
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv2_threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.distill", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -338,23 +359,12 @@ def main(argv: list[str] | None = None) -> int:
                 runs.values(),
                 [f"{key} / labels only = {ratio:.2f}x (goal {GOALS[key]}x: "
                  f"{'met' if ratio >= GOALS[key] else 'NOT met'})" for key, ratio in ratios.items()])
+    replay_cost(args, data, teacher, sets["params"], runs)
     print(f"\nmachine after: {machine_summary(device)}")
     print(f"bytes per view: params {builds['params'][2]:.1f}, pixels {builds['pixels'][2]:.1f}; build views/s: params "
           f"{builds['params'][0]:.1f}, pixels {builds['pixels'][0]:.1f}")
     print("ratio (vs labels-only loader): " + ", ".join(f"{r:.2f}x {k}" for k, r in ratios.items()), flush=True)
 
-    # One thread for torch and OpenCV, as in a loader worker (init_loader_worker), so the calls cost what they do there.
-    import cv2
-
-    torch.set_num_threads(1)
-    cv2.setNumThreads(0)
-    in_process = argparse.Namespace(**{**vars(args), "workers": 0})
-    replay = distill_loader(compose_config(overrides(in_process, data, teacher, sets["params"])), args.img_size)
-    labels = labels_only_loader(compose_config([f"data.root={data.shards}", f"data.batch_size={args.batch_size}",
-                                                "data.num_workers=0", "seed=0", "aug=inception"]), args.img_size)
-    steps, views = replay_steps(replay.dataset, args.cost_batches)
-    print_replay_cost(steps, views, one_process_ms(replay, args.cost_batches),
-                      one_process_ms(labels, args.cost_batches), runs)
     return 0
 
 

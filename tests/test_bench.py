@@ -57,8 +57,14 @@ def test_distill_bench_builds_both_storages_times_three_loaders_and_prints_the_r
     ]) == 0
     out = capsys.readouterr().out
     for row in ("build, params storage", "build, pixels storage", "labels only (ShardDataModule)",
-                "replay (params storage)", "pixels storage"):
+                "replay (params storage)", "pixels storage", "decode the source JPEG(s)", "JPEG decode (round trip)",
+                "library calls, total", "replay loader, end to end", "labels-only loader, end to end"):
         assert any(line.startswith(row) for line in out.splitlines()), out
+    # the replay cost table: every step timed (views re-rendered, and checked against the loader's), then its bound
+    steps = {line[:44].strip(): float(line[44:53]) for line in out.splitlines()
+             if line[:44].strip() in ("decode the source JPEG(s)", "JPEG encode (round trip)", "library calls, total")}
+    assert all(ms > 0 for ms in steps.values()) and steps["library calls, total"] >= steps["decode the source JPEG(s)"]
+    assert re.search(rf"so replay tops out near {RATIO}", out), out
     assert re.fullmatch(rf"ratio \(vs labels-only loader\): {RATIO} replay, {RATIO} pixels", last_line(out)), out
 
 
