@@ -310,3 +310,32 @@ def test_dataloader_workers_draw_different_crops_and_repeat_under_the_same_torch
     again = _worker_outputs(transform, sample)
     for worker in (0, 1):
         assert all(np.array_equal(a, b) for a, b in zip(first[worker], again[worker]))
+
+
+def test_policy_warps_give_albumentations_warp_affine_pixels_including_its_near_identity_shortcut():
+    import cv2
+    from albumentations.augmentations.geometric import functional as fgeometric
+
+    from data_pipes.image.augment.policy_ops import _warp
+
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        img = rng.integers(0, 256, (int(rng.integers(16, 64)), int(rng.integers(16, 64)), 3), dtype=np.uint8)
+        inverse = np.eye(3)
+        kind = i % 4
+        if kind == 0:
+            inverse[:2] = cv2.getRotationMatrix2D((img.shape[1] / 2, img.shape[0] / 2), float(rng.normal() * 30), 1.0)
+        elif kind == 1:
+            inverse[0, 1] = rng.normal() * 0.3
+            inverse[0, 2] = 0.5 * inverse[0, 1]
+        elif kind == 2:
+            inverse[1, 2] = rng.normal() * 10
+        else:
+            inverse[0, 1] = 1e-9  # inside np.allclose's tolerance: both return the image untouched
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        interp = (cv2.INTER_LINEAR, cv2.INTER_NEAREST, cv2.INTER_CUBIC)[i % 3]
+        expected = fgeometric.warp_affine(img, inverse, interp | cv2.WARP_INVERSE_MAP, fill, cv2.BORDER_CONSTANT,
+                                          img.shape[:2])
+        got = _warp(img, inverse, fill, interp)
+        assert np.array_equal(got, expected), (i, kind)
+        assert (got is img) == (kind == 3)
