@@ -197,7 +197,7 @@ def replay_steps(stream, batches: int) -> tuple[dict[str, float], int]:
             spent, views, rendered = dict.fromkeys(STEPS, 0.0), 0, []
         items = stream.batch_items(0, batch)
         for s, source in enumerate(stream.sources):
-            located = stored_records(source, [item for item in items if item.source == s])
+            located = [view_members(source, item) for item in items if item.source == s]
             raw = clock(STEPS[0], source.reader.read, [m for _, members in located for m in members])
             for record, members in located:
                 student = clock(STEPS[8], resize, render(source, record, raw, members), size, size, interpolation)
@@ -210,24 +210,10 @@ def replay_steps(stream, batches: int) -> tuple[dict[str, float], int]:
     return spent, views
 
 
-def stored_records(source, items: list) -> list[tuple]:
-    """(view record, [member, partner if it mixes]) of each item of a stored-views source."""
-    out = []
-    for item in items:
-        block, offset = source.reader.block_of(item.member)
-        record = source._records(block)[item.pass_ % source.replicas, offset]["view"]
-        out.append((record, [item.member, int(record["partner"])] if source.recipe.mixes else [item.member]))
-    return out
-
-
-def one_process_ms(loader, batches: int) -> float:
-    """Milliseconds per image of `batches` batches from a loader without workers (the first one untimed)."""
-    it = iter(loader)
-    next(it)
-    start, images = time.perf_counter(), 0
-    for _ in range(batches):
-        images += next(it)["image"].shape[0]
-    return (time.perf_counter() - start) * 1000 / images
+def view_members(source, item) -> tuple:
+    """A stored view's record and the members it is rendered from (its image, and its mixup partner)."""
+    record = source.locate(item)[-1]["view"]
+    return record, [item.member, int(record["partner"])] if source.recipe.mixes else [item.member]
 
 
 def print_replay_cost(steps: dict[str, float], views: int, replay_ms: float, labels_ms: float, runs: dict) -> None:
@@ -254,7 +240,7 @@ def print_replay_cost(steps: dict[str, float], views: int, replay_ms: float, lab
           f"{labels_cpu / (total + replay_main):.2f}x however little else its workers do")
 
 
-def replay_cost(args, data, teacher: list[str], params_sets: Path, runs: dict) -> None:
+def replay_cost(args, opts: Options, data, teacher: list[str], params_sets: Path, runs: dict) -> None:
     """The replay cost table: loaders without workers, in this process, with one thread for torch and OpenCV as in
     a loader worker (init_loader_worker), so that the calls cost what they cost there."""
     import cv2
@@ -268,8 +254,10 @@ def replay_cost(args, data, teacher: list[str], params_sets: Path, runs: dict) -
         labels = labels_only_loader(compose_config([f"data.root={data.shards}", f"data.batch_size={args.batch_size}",
                                                     "data.num_workers=0", "seed=0", "aug=inception"]), args.img_size)
         steps, views = replay_steps(replay.dataset, args.cost_batches)
-        print_replay_cost(steps, views, one_process_ms(replay, args.cost_batches),
-                          one_process_ms(labels, args.cost_batches), runs)
+        timing = replace(opts, workers=0, warmup=1, batches=args.cost_batches)
+        ms = {name: 1000 / time_batches(loader, iter(loader), lambda batch: batch["image"].shape[0], timing)[0]
+              for name, loader in (("replay", replay), ("labels", labels))}
+        print_replay_cost(steps, views, ms["replay"], ms["labels"], runs)
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv2_threads)
@@ -359,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.values(),
                 [f"{key} / labels only = {ratio:.2f}x (goal {GOALS[key]}x: "
                  f"{'met' if ratio >= GOALS[key] else 'NOT met'})" for key, ratio in ratios.items()])
-    replay_cost(args, data, teacher, sets["params"], runs)
+    replay_cost(args, opts, data, teacher, sets["params"], runs)
     print(f"\nmachine after: {machine_summary(device)}")
     print(f"bytes per view: params {builds['params'][2]:.1f}, pixels {builds['pixels'][2]:.1f}; build views/s: params "
           f"{builds['params'][0]:.1f}, pixels {builds['pixels'][0]:.1f}")

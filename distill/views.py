@@ -106,12 +106,14 @@ class StoredViews(ViewSource):
             self._blocks[block] = read_block(self.directory, block)
         return self._blocks[block]
 
+    def locate(self, item: Item) -> tuple[Item, int, int, int, np.void]:
+        """(item, block, offset in the block, replica, stored record) of an item: pass q shows replica q mod R."""
+        block, offset = self.reader.block_of(item.member)
+        replica = item.pass_ % self.replicas
+        return item, block, offset, replica, self._records(block)[replica, offset]
+
     def render(self, items: Sequence[Item]) -> list[Rendered]:
-        located = []
-        for item in items:
-            block, offset = self.reader.block_of(item.member)
-            replica = item.pass_ % self.replicas
-            located.append((item, block, offset, replica, self._records(block)[replica, offset]))
+        located = [self.locate(item) for item in items]
         if self.storage == "pixels":
             return [self._from_pixels(*loc) for loc in located]
         return self._from_params(located)
