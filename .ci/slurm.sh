@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real single-node Slurm cluster for the SLURM tests (../shared/research/slurm.md has what worked and why).
+# A real single-node Slurm cluster for the SLURM tests (Debian slurm-wlm + munge; the settings below worked).
 #   bash .ci/slurm.sh up     install slurm-wlm + munge if missing, start munged, slurmctld, slurmd; wait for idle
 #   bash .ci/slurm.sh down   cancel leftover jobs, stop exactly the daemons `up` started (by pid, never by name)
 # State, spool, logs and pid files live in $SLURM_SCRATCH (default /tmp/ci-slurm). Needs root (CI runs as root).

@@ -59,7 +59,10 @@ from bench.common import (
     stop_workers,
 )
 from bench.loader import IMAGENET_MEAN, IMAGENET_STD, PREFETCH, Options, compose_config, time_batches
-from train.normalize import normalize_images
+from data_pipes.shards.metadata import read_info
+from train.builders import build_datamodule, labels_only
+from train.features.distill import KnowledgeDistillation
+from train.nets.normalize import normalize_images
 
 GOALS = {"replay": 0.5, "pixels": 0.9}
 
@@ -71,7 +74,7 @@ def teacher_spec(args, label_names: list[str], cache: Path) -> list[str]:
     import timm
     from safetensors.torch import save_file
 
-    import train.models  # noqa: F401 - our registered variants
+    import train.nets  # noqa: F401 - our registered variants
 
     stem = cache / f"teacher-{args.teacher}-{len(label_names)}"
     weights, labels = stem.with_suffix(".safetensors"), stem.with_suffix(".txt")
@@ -111,19 +114,15 @@ def student_data_config(img_size: int) -> dict:
 
 
 def labels_only_loader(cfg, img_size: int):
-    import train.run as run
-
-    return run._build_datamodule(cfg, student_data_config(img_size)).train_dataloader()
+    return build_datamodule(cfg, student_data_config(img_size)).train_dataloader()
 
 
 def distill_loader(cfg, img_size: int):
-    import train.run as run
-    from data_pipes.shards.metadata import read_info
-    from distill.recipe import build_distillation
-
-    data_config = student_data_config(img_size)
-    kd = build_distillation(cfg, read_info(cfg.data.root), data_config, run._datamodule_args(cfg, data_config))
-    return kd.datamodule.train_dataloader()
+    """The train loader of a `distill=true` run of this config (the feature a run uses, on the labels-only parts)."""
+    data_config, info = student_data_config(img_size), read_info(cfg.data.root)
+    parts = KnowledgeDistillation.from_config(cfg).data(labels_only(cfg, info, data_config), info=info,
+                                                         data_config=data_config)
+    return parts.datamodule.train_dataloader()
 
 
 def timed_loader(make, opts: Options) -> tuple[float, float, float]:

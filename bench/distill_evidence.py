@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench.common import DEFAULT_SRC, IMAGE_SUFFIXES, REPO, machine_summary
+from train.nets.configs import compose_config
 
 DEFAULT_CACHE = REPO / ".cache" / "evidence"
 
@@ -72,11 +73,7 @@ def make_splits(src: Path, cache: Path, labelled: float, seed: int) -> dict[str,
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+    return compose_config(overrides)
 
 
 def common(args, run_dir: Path) -> list[str]:

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_pipes.image.augment import build_eval_transform
     from data_pipes.stream.datamodule import build_eval_loader
-    from train.export.artifacts import evaluate, load_exported
+    from train.export import evaluate
+    from train.nets.load import load_exported
 
     config = json.loads((args.export / "config.json").read_text())["pretrained_cfg"]
     img_size = args.img_size or int(config["input_size"][-1])

@@ -42,7 +42,6 @@ import torch
 from bench.common import (
     DEFAULT_CACHE,
     DEFAULT_SRC,
-    REPO,
     Runs,
     Slice,
     balanced_batches,
@@ -58,7 +57,9 @@ from bench.common import (
     synchronizer,
     worker_pids,
 )
-from train.normalize import normalize_images
+from train.builders import build_datamodule
+from train.nets.configs import compose_config as compose_train_config
+from train.nets.normalize import normalize_images
 
 GOAL = 1.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -122,22 +123,18 @@ def time_batches(loader: object, batches: Iterator, consume: Callable[[object], 
 
 
 def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=["run_dir=unused", *overrides])
+    """The run config `python -m train` composes with these overrides (no run directory: nothing is written)."""
+    return compose_train_config(["run_dir=unused", *overrides])
 
 
 def our_datamodule(setting: AugSetting, opts: Options, *, dct_reduce: bool = True):
-    """The ShardDataModule train.run builds for this config (same helper, same transforms from conf/aug);
+    """The ShardDataModule a run builds for this config (train.builders, the transforms of conf/aug);
     `dct_reduce=False` turns off the DCT-reduced decode of large crop boxes (data.train_dct_reduce)."""
-    import train.run as run
-
     cfg = compose_config([f"data.root={opts.data.shards}", f"data.batch_size={opts.batch_size}",
                           f"data.num_workers={opts.workers}", f"seed={opts.seed}",
                           f"data.train_dct_reduce={str(dct_reduce).lower()}", *setting.ours])
     data_config = {"input_size": (3, opts.img_size, opts.img_size), "crop_pct": 0.875, "interpolation": "bilinear"}
-    return run._build_datamodule(cfg, data_config)
+    return build_datamodule(cfg, data_config)
 
 
 _warned: set[str] = set()

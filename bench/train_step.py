@@ -32,7 +32,6 @@ import warnings
 from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -40,7 +39,6 @@ from lightning.pytorch.callbacks import Callback
 from bench.common import (
     DEFAULT_CACHE,
     DEFAULT_SRC,
-    REPO,
     Runs,
     alternate,
     balanced_batches,
@@ -55,6 +53,9 @@ from bench.common import (
     synchronizer,
     usable_cpus,
 )
+from train.builders import build_datamodule, model_data_config
+from train.nets.configs import compose_config as compose_train_config
+from train.nets.configs import plain
 
 TARGET = 0.95
 PREFETCH = 4  # batches per worker that ShardDataModule's loader prefetches (its default prefetch_factor)
@@ -94,8 +95,6 @@ class StepTimer(Callback):
 
 
 def compose_config(args: argparse.Namespace, shards: Path, run_dir: Path, device: torch.device):
-    from hydra import compose, initialize_config_dir
-
     overrides = [
         f"model={args.model}",
         f"data.root={shards}",
@@ -112,8 +111,7 @@ def compose_config(args: argparse.Namespace, shards: Path, run_dir: Path, device
         "trainer.devices=1",
         *args.override,
     ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_train_config(overrides)
 
 
 def run_pipeline(cfg, args: argparse.Namespace, device: torch.device) -> float:
@@ -130,12 +128,6 @@ def run_pipeline(cfg, args: argparse.Namespace, device: torch.device) -> float:
 # --- the plain loop --------------------------------------------------------------------------------------------
 
 
-def _plain(node: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
 def build_plain(cfg, device: torch.device):
     """Model, loader, optimizer, schedule, loss, mixing and EMA, as a careful engineer wires them by hand.
 
@@ -147,9 +139,8 @@ def build_plain(cfg, device: torch.device):
     from timm.loss import SoftTargetCrossEntropy
     from timm.utils import ModelEmaV3
 
-    import train.run as run
     from data_pipes.shards.metadata import read_info
-    from train.models import create_model
+    from train.nets import create_model
     from train.optim import optimizer_factory, scheduler_factory
 
     if cfg.trainer.accumulate_grad_batches != 1:
@@ -158,16 +149,16 @@ def build_plain(cfg, device: torch.device):
     info = read_info(cfg.data.root)
     model = create_model(cfg.model.name, num_classes=info.num_classes, drop_rate=cfg.model.drop_rate,
                          drop_path_rate=cfg.model.drop_path_rate)
-    data_config = run._data_config(model, cfg)
-    datamodule = run._build_datamodule(cfg, data_config)
+    data_config = model_data_config(model, cfg)
+    datamodule = build_datamodule(cfg, data_config)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).train()
     # timm's create_optimizer_v2 through the pipeline's factory, for the same lr rule (one device: the global batch
     # is the batch).
-    optimizer = optimizer_factory(**_plain(cfg.optim), global_batch=lambda: int(cfg.data.batch_size))(model)
-    scheduler = scheduler_factory(num_epochs=cfg.trainer.max_epochs, **_plain(cfg.sched))(
+    optimizer = optimizer_factory(**plain(cfg.optim), global_batch=lambda: int(cfg.data.batch_size))(model)
+    scheduler = scheduler_factory(num_epochs=cfg.trainer.max_epochs, **plain(cfg.sched))(
         optimizer, datamodule.steps_per_epoch(1))
-    mix = _plain(cfg.aug.mixup)
+    mix = plain(cfg.aug.mixup)
     mixup = None
     if (mix["mixup_alpha"] > 0 or mix["cutmix_alpha"] > 0) and mix["prob"] > 0:
         mixup = Mixup(**mix, label_smoothing=cfg.label_smoothing, num_classes=info.num_classes)
@@ -179,7 +170,7 @@ def build_plain(cfg, device: torch.device):
 
 
 def run_plain(cfg, args: argparse.Namespace, device: torch.device) -> float:
-    from train.normalize import normalize_images
+    from train.nets.normalize import normalize_images
 
     datamodule, model, optimizer, scheduler, mixup, criterion, ema, norm = build_plain(cfg, device)
     mean, std, memory_format = norm
@@ -226,10 +217,8 @@ def run_plain(cfg, args: argparse.Namespace, device: torch.device) -> float:
 
 def warn_tail(cfg, args: argparse.Namespace) -> None:
     """Says so when the timed steps reach the epoch's tail, where some loader workers have run out of windows."""
-    import train.run as run
-
     size = {"input_size": (3, args.img_size, args.img_size), "crop_pct": 0.875, "interpolation": "bilinear"}
-    stream = run._build_datamodule(cfg, size).train_dataloader().dataset
+    stream = build_datamodule(cfg, size).train_dataloader().dataset
     balanced = balanced_batches(stream.window_batches, args.workers)
     if balanced is not None and balanced < args.warmup + args.steps:
         print(f"WARNING: the loader's workers stay evenly loaded for {balanced} batches only, fewer than warm-up + "

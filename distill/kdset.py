@@ -27,12 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from data_pipes.errors import UserError
+
 MANIFEST = "manifest.json"
 BUILD_FILE = "_build.json"
 PROB_SCALE = 65535
+RESUME_HINT = "run the same `python -m distill.build ...` command again: it resumes where it stopped"
 
 
-class KDSetError(ValueError):
+class KDSetError(UserError, ValueError):
     """A kd set that is missing, partly built, or built for something else; the message says what to do."""
 
 

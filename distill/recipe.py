@@ -1,62 +1,38 @@
 """`distill=true`: the teacher, the data, the objective and the validation metrics of a distillation run, built from
-the composed config (`kd` group) for `train.run.train`; `distill.build` uses the same source definitions."""
+the `kd` settings for the training run (`train.features.distill`); `distill.build` uses the same sources.
+
+Two methods: `soft_target`, the MobileNetV4 recipe (Qin et al. 2024, arXiv 2404.10518, §8 and App. H: batches mixed
+from the teacher-labelled sources D1/D2/D3, offline from built kd sets or online), and `logit`, classic online logit
+KD on the run's own augmentation (timm's LogitDistillationTask).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from data_pipes.image.augment import build_eval_transform, build_train_transform
 from data_pipes.image.decode import resize
-from data_pipes.image.views import ViewRecipe
-from data_pipes.shards.metadata import DatasetError, DatasetInfo, read_info
+from data_pipes.shards.metadata import DatasetInfo
 from data_pipes.stream.datamodule import MixtureDataModule, ShardDataModule
-from data_pipes.stream.mixture import MixtureStream, SourceReader, source_blocks
-from distill.kdset import KDSetError
+from data_pipes.stream.mixture import MixtureStream, SourceReader
+from distill.identity import selection_identity
+from distill.kdset import KDSetError, read_json
 from distill.objectives import LogitDistillation, SoftTargetDistillation
-from distill.teacher import Teacher, TeacherError, load_teacher
+from distill.reader import KDSets
+from distill.select import build_selector, score, score_args, select, with_selection
+from distill.sources import SourceConfig, build_teacher, source_configs, view_size
+from distill.teacher import Teacher
 from distill.validation import TeacherValidation, WithTeacherView
+from distill.views import OnlineViews, StoredViews
 
 log = logging.getLogger(__name__)
-SOURCE_NAMES = ("d1", "d2", "d3")
 METHODS = ("soft_target", "logit")
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    """One kd source as configured (`kd.sources.<name>`), resolved against its shards."""
-
-    name: str
-    index: int
-    root: Path
-    info: DatasetInfo
-    recipe: ViewRecipe
-    replicas: int
-    weight: float
-    labelled: bool
-    extra: dict[str, Any] = field(default_factory=dict)
-    # D3: the selected members (indices into the train split, sorted, repeated for rare classes); None: every image
-    members: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def shards(self) -> list[tuple[Path, int]]:
-        return self.info.shards("train")
-
-    @property
-    def blocks(self) -> list[tuple[str, np.ndarray]]:
-        return source_blocks(self.shards, self.members)
-
-    @property
-    def selected(self) -> bool:
-        """Whether the source is a selection of its images (D3) rather than all of them."""
-        return self.name == "d3"
 
 
 @dataclass
@@ -68,83 +44,44 @@ class Distillation:
     record: dict[str, Any]  # what the run logs about its teacher and kd sets
 
 
-def plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def build_teacher(kd: Mapping[str, Any], info: DatasetInfo) -> Teacher:
-    teacher = load_teacher(kd["teacher"], weights=kd["teacher_weights"], labels=kd["teacher_labels"],
-                           num_classes=info.num_classes)
-    teacher.check_classes(tuple(info.label_names), f"the data at {info.root}")
-    if kd["teacher_img_size"]:
-        teacher.data_config["input_size"] = [3, int(kd["teacher_img_size"]), int(kd["teacher_img_size"])]
-    return teacher
-
-
-def view_size(kd: Mapping[str, Any], student_size: int, teacher: Teacher) -> int:
-    return int(kd["view_size"] or max(student_size, teacher.img_size))
-
-
-def source_configs(kd: Mapping[str, Any], size: int) -> list[SourceConfig]:
-    """The sources in use: D1 and D2 on the labelled data, D3 when `kd.extra_root` is set; a weight of 0 drops one."""
-    out = []
-    for index, name in enumerate(SOURCE_NAMES):
-        cfg = dict(kd["sources"][name])
-        if not cfg.get("root") or float(cfg["weight"]) <= 0:
-            continue
-        root = Path(str(cfg["root"])).expanduser()
-        try:
-            info = read_info(root)
-        except DatasetError as e:
-            raise KDSetError(f"kd source {name} (kd.sources.{name}.root={root}): {e}") from None
-        if "train" not in info.splits or info.split("train").num_samples == 0:
-            raise KDSetError(f"kd source {name} at {root} has no train samples: point kd.sources.{name}.root (or "
-                             f"kd.extra_root for d3) at a shard directory with a train split")
-        recipe = ViewRecipe.from_config(size, cfg["aug"], jpeg_quality=kd["jpeg_quality"],
-                                        mixup_fold=bool(kd["mixup_fold"]))
-        extra = {k: v for k, v in cfg.items() if k not in ("root", "aug", "replicas", "weight", "labelled")}
-        out.append(SourceConfig(name, index, root, info, recipe, int(cfg["replicas"]), float(cfg["weight"]),
-                                bool(cfg["labelled"]), extra))
-    if not out:
-        raise KDSetError("no kd source is in use: give kd.sources.d1/d2 a root (data.root) and a positive weight")
-    return out
-
-
-def build_distillation(cfg: DictConfig, info: DatasetInfo, data_config: dict[str, Any],
-                       datamodule_args: dict[str, Any]) -> Distillation:
-    """Everything `distill=true` adds to a run. `datamodule_args` are the labels-only datamodule's arguments."""
-    kd = plain(cfg.kd)
-    if kd["teacher"] is None and cfg.qat and cfg.init_from:
-        # qat=true distill=true: the float model QAT starts from is the natural teacher of its fake-quant copy.
-        kd["teacher"] = str(cfg.init_from)
-        log.info("kd.teacher: the float model of init_from=%s", cfg.init_from)
+def build_distillation(kd: Mapping[str, Any], info: DatasetInfo, data_config: Mapping[str, Any],
+                       datamodule_args: Mapping[str, Any], *, train_aug: Mapping[str, Any], label_smoothing: float,
+                       train_dct_reduce: bool, eval_dct_reduce: bool, selection_dir: Path) -> Distillation:
+    """Everything `distill=true` adds to a run. `kd`: the kd settings as plain values; `datamodule_args`: the
+    labels-only datamodule's arguments (batch size, shuffle window, transforms, ...); `train_aug`: the run's
+    aug.train (logit KD augments as the run does); `selection_dir`: where online D3 keeps its selection when
+    kd.selection is not set."""
     if kd["method"] not in METHODS:
         raise KDSetError(f"kd.method must be one of {METHODS}, got {kd['method']!r}")
     teacher = build_teacher(kd, info)
     size = int(data_config["input_size"][-1])
     teacher_eval = build_eval_transform(teacher.img_size, crop_pct=teacher.data_config["crop_pct"],
-                                        interpolation=teacher.interpolation, dct_reduce=cfg.data.eval_dct_reduce)
+                                        interpolation=teacher.interpolation, dct_reduce=eval_dct_reduce)
     args = dict(datamodule_args, eval_transform=WithTeacherView(datamodule_args["eval_transform"], teacher_eval))
     record: dict[str, Any] = {"teacher": teacher.identity, "method": kd["method"]}
     if kd["method"] == "logit":
-        aug = plain(cfg.aug.train)
-        views = build_train_transform(max(size, teacher.img_size), **aug, dct_reduce=cfg.data.train_dct_reduce)
-        args["train_transform"] = TwoSizes(views, size, aug["interpolation"], teacher.img_size, teacher.interpolation)
+        views = build_train_transform(max(size, teacher.img_size), **train_aug, dct_reduce=train_dct_reduce)
+        args["train_transform"] = TwoSizes(views, size, train_aug["interpolation"], teacher.img_size,
+                                           teacher.interpolation)
         objective = LogitDistillation(teacher=teacher, temperature=float(kd["temperature"]),
                                       task_weight=float(kd["task_weight"]),
                                       distill_weight=float(kd["distill_weight"]),
-                                      label_smoothing=float(cfg.label_smoothing), student_mean=data_config["mean"],
+                                      label_smoothing=float(label_smoothing), student_mean=data_config["mean"],
                                       student_std=data_config["std"])
         return Distillation(teacher, ShardDataModule(**args), objective, TeacherValidation(teacher), record)
 
     sources = source_configs(kd, view_size(kd, size, teacher))
     kd_sets = _open_sets(kd, sources, teacher, info)
-    sources = kd_sets.resolve(sources) if kd_sets is not None else _select_online(cfg, kd, sources, teacher, info)
+    if kd_sets is not None:
+        sources = kd_sets.resolve(sources)
+    else:
+        directory = Path(str(kd["selection"] or selection_dir)).expanduser()
+        sources = _select_online(kd, sources, teacher, info, directory)
     record["sets"] = None if kd_sets is None else kd_sets.identity
     record["sources"] = {s.name: {"weight": s.weight, "replicas": s.replicas, "root": str(s.root)} for s in sources}
-    factory = StreamFactory(sources=sources, kd=kd, seed=int(kd["seed"]), batch_size=int(cfg.data.batch_size),
-                            shuffle_window=int(cfg.data.shuffle_window), student_size=size,
-                            student_interpolation=str(cfg.aug.train.interpolation), teacher=teacher, kd_sets=kd_sets)
+    factory = StreamFactory(sources=sources, kd=dict(kd), seed=int(kd["seed"]), batch_size=int(args["batch_size"]),
+                            shuffle_window=int(args["shuffle_window"]), student_size=size,
+                            student_interpolation=str(train_aug["interpolation"]), teacher=teacher, kd_sets=kd_sets)
     datamodule = MixtureDataModule(make_stream=factory, epoch_samples=kd["epoch_samples"], **args)
     objective = SoftTargetDistillation(num_classes=info.num_classes, temperature=float(kd["temperature"]),
                                        missing_mass=str(kd["missing_mass"]),
@@ -153,25 +90,20 @@ def build_distillation(cfg: DictConfig, info: DatasetInfo, data_config: dict[str
     return Distillation(teacher, datamodule, objective, TeacherValidation(teacher), record)
 
 
-def _open_sets(kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teacher, info: DatasetInfo):
+def _open_sets(kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teacher, info: DatasetInfo,
+               ) -> KDSets | None:
     if not kd["sets"]:
         return None
-    from distill.build import KDSets
-
     return KDSets.open(Path(str(kd["sets"])), kd=kd, sources=sources, teacher=teacher, label_names=info.label_names)
 
 
-def _select_online(cfg: DictConfig, kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teacher,
-                   info: DatasetInfo) -> list[SourceConfig]:
-    """Online D3: score and balance the extra images before training (kept in kd.selection, by default in the run
+def _select_online(kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teacher, info: DatasetInfo,
+                   directory: Path) -> list[SourceConfig]:
+    """Online D3: score and balance the extra images before training (kept in `directory`, by default in the run
     directory, so a resumed run reuses it; every rank computes the same selection)."""
     d3 = next((s for s in sources if s.selected), None)
     if d3 is None:
         return sources
-    from distill.build import build_selector, score_args, selection_identity
-    from distill.select import score, select, with_selection
-
-    directory = Path(str(kd["selection"] or Path(str(cfg.run_dir)) / "kd_selection")).expanduser()
     settings = selection_identity(kd) | {"extra_root": str(d3.root)}
     _check_selection(directory, settings)
     score(build_selector(kd, info, teacher), d3.shards, directory, share=(0, 1), **score_args(kd))
@@ -181,8 +113,6 @@ def _select_online(cfg: DictConfig, kd: Mapping[str, Any], sources: list[SourceC
 
 
 def _check_selection(directory: Path, settings: dict[str, Any]) -> None:
-    from distill.kdset import read_json
-
     counts = directory / "class_counts.json"
     if counts.is_file():
         made = {k: read_json(counts).get(k) for k in settings}
@@ -206,8 +136,6 @@ class StreamFactory:
     kd_sets: Any
 
     def __call__(self, rank: int, world_size: int, batches_per_epoch: int) -> MixtureStream:
-        from distill.views import OnlineViews, StoredViews
-
         views = []
         for s in self.sources:
             if self.kd_sets is None:
@@ -239,6 +167,3 @@ class TwoSizes:
         return {"image": resize(view, self.size, self.size, self.interpolation),
                 "teacher_image": resize(view, self.teacher_size, self.teacher_size, self.teacher_interpolation)}
 
-
-__all__ = ["Distillation", "KDSetError", "SourceConfig", "TeacherError", "build_distillation", "build_teacher",
-           "source_configs", "view_size"]

@@ -1,6 +1,6 @@
 """D3's class-balanced extra data: score the extra images with a selector, keep the confident ones, balance classes.
 
-The MNv4 recipe (§8; recipes.md 1c) takes extra images (JFT there; here any shard set, its labels ignored), scores
+The MNv4 recipe (arXiv 2404.10518, §8) takes extra images (JFT there; here any shard set, its labels ignored), scores
 each with a selector model (the paper: an EfficientNet-B0; default here: the teacher) on its plain eval view, keeps
 the images whose top-class confidence is at least `threshold` (0.3, following Noisy Student), assigns each to its
 top class, keeps the `per_class` most confident per class and repeats the images of rarer classes until they have
@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipes.image.augment import build_eval_transform
+from data_pipes.shards.metadata import DatasetInfo
 from data_pipes.stream.loader import init_loader_worker
 from data_pipes.stream.mixture import SourceReader, source_blocks
-from distill.kdset import KDSetError, read_json, write_atomic, write_json
-from distill.teacher import Teacher
+from distill.identity import selection_identity
+from distill.kdset import RESUME_HINT, KDSetError, read_json, write_atomic, write_json
+from distill.sources import SourceConfig
+from distill.teacher import SELECTOR, Teacher, autocast_bf16, load_teacher, resolve_device
 
 log = logging.getLogger("distill.select")
 SCORE_DTYPE = np.dtype([("cls", "<i4"), ("conf", "<f4")])  # conf -1: the image could not be read
@@ -54,10 +58,8 @@ class Selection:
         return cls(members, classes, read_json(Path(directory) / "class_counts.json"))
 
 
-def with_selection(source, selection: Selection):
-    """The source (a `distill.recipe.SourceConfig`) restricted to the selected members."""
-    from dataclasses import replace
-
+def with_selection(source: SourceConfig, selection: Selection) -> SourceConfig:
+    """The source restricted to the selected members."""
     return replace(source, members=selection.members)
 
 
@@ -210,10 +212,10 @@ def table(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Per-class counts before (passed the threshold) and after balancing, classes sorted by the former."""
-    import matplotlib
+    import matplotlib  # optional at import time: only a selection draws (and matplotlib's import costs ~1 s)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional at import time, as above
 
     before, after = np.asarray(report["passed"]), np.asarray(report["after"])
     order = np.argsort(-before, kind="stable")
@@ -232,3 +234,39 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+def build_selector(kd: Mapping[str, Any], info: DatasetInfo, teacher: Teacher) -> Teacher:
+    """D3's selector: kd.sources.d3.selector (loaded like a teacher), or the teacher itself."""
+    d3 = kd["sources"]["d3"]
+    if not d3.get("selector"):
+        return teacher
+    selector = load_teacher(d3["selector"], settings=SELECTOR, weights=d3.get("selector_weights"),
+                            labels=kd["teacher_labels"], num_classes=info.num_classes)
+    selector.check_classes(tuple(info.label_names), f"the data at {info.root} (as kd.sources.d3.selector)")
+    return selector
+
+
+def score_args(kd: Mapping[str, Any]) -> dict[str, Any]:
+    """`score`'s batch, workers, device and autocast from the build settings (kd.build)."""
+    b = kd["build"]
+    device = resolve_device(b["device"])
+    return {"batch_size": int(b["batch_size"]), "num_workers": int(b["num_workers"]), "device": device,
+            "autocast": autocast_bf16(device, b["precision"])}
+
+
+def wait_for_selection(d3: SourceConfig, directory: Path, kd: Mapping[str, Any], label_names: Sequence[str],
+                       share: tuple[int, int]) -> Selection:
+    """D3's selection, once every share has scored its extra shards (waiting up to kd.build.wait_minutes)."""
+    me, count = share
+    deadline = time.time() + 60 * float(kd["build"]["wait_minutes"])
+    while missing := missing_scores(directory, d3.shards):
+        if time.time() > deadline:
+            raise KDSetError(f"share {me} of {count}: D3's selection needs the scores of {len(missing)} extra shards "
+                             f"that other shares have not finished (first: {missing[:5]}); {RESUME_HINT} once they "
+                             f"have (this share's finished blocks are kept)")
+        log.info("distill.build: waiting for other shares to score %d extra shards", len(missing))
+        time.sleep(10)
+    settings = selection_identity(kd)
+    return select(directory, d3.shards, label_names=label_names, threshold=settings["threshold"],
+                  per_class=settings["per_class"], identity=settings | {"extra_root": str(d3.root)})

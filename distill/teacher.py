@@ -4,26 +4,26 @@ It is frozen (no gradients, eval mode) and deliberately *not* an `nn.Module` att
 plain holder keeps it out of the student's `state_dict` (so out of every checkpoint), out of the EMA copy (a deep
 copy of the holder is the holder itself) and out of Lightning's train/eval switching and DDP's parameter lists.
 It has its own data config (resolution, mean/std, interpolation, crop) from its export's `config.json`, its
-checkpoint, or timm.
+checkpoint, or timm (`train.nets.load`, the loader every trained network of the project goes through).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from train.normalize import normalize_images
+from data_pipes.errors import UserError
+from train.nets.load import LoadError, Settings, load_network
+from train.nets.normalize import normalize_images, pixel_stats
 
-DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+TEACHER = Settings("kd.teacher", weights="kd.teacher_weights", labels="kd.teacher_labels")
+SELECTOR = Settings("kd.sources.d3.selector", weights="kd.sources.d3.selector_weights", labels="kd.teacher_labels")
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """A teacher that cannot be loaded or does not fit the data; the message names the fix."""
 
 
@@ -39,8 +39,7 @@ class Teacher:
     def __post_init__(self) -> None:
         self.model.eval()
         self.model.requires_grad_(False)
-        self._mean = torch.tensor(self.data_config["mean"]) * 255
-        self._std = torch.tensor(self.data_config["std"]) * 255
+        self._mean, self._std = pixel_stats(self.data_config["mean"], self.data_config["std"])
 
     def __deepcopy__(self, memo: dict) -> Teacher:
         return self  # EMA and other copies of the student share the one frozen teacher
@@ -85,90 +84,28 @@ class Teacher:
                            f"data's, in the same order")
 
 
-def load_teacher(spec: str | None, *, weights: str | None = None, labels: str | None = None,
-                 num_classes: int | None = None) -> Teacher:
+def load_teacher(spec: str | None, *, settings: Settings = TEACHER, weights: str | None = None,
+                 labels: str | None = None, num_classes: int | None = None) -> Teacher:
     """`spec`: an export directory (config.json + model.safetensors), a checkpoint of `python -m train`, or a timm
-    model name with `weights` (a local .safetensors / .pth file; nothing is downloaded)."""
+    model name with `weights` (a local .safetensors / .pth file; nothing is downloaded), loaded by the model layer's
+    one loader (`train.nets.load`). `settings` name the config keys, for messages (the teacher's or D3's selector)."""
     if not spec:
-        raise TeacherError("distill=true needs a teacher: set kd.teacher=<export dir | checkpoint | timm name> "
-                           "(a timm name also needs kd.teacher_weights=<local weights file>)")
-    path = Path(str(spec)).expanduser()
-    if path.is_dir():
-        return _from_export(path)
-    if path.is_file():
-        return _from_checkpoint(path)
-    if path.suffix or "/" in str(spec):
-        raise TeacherError(f"kd.teacher={spec}: no such export directory or checkpoint")
-    return _from_timm(str(spec), weights, labels, num_classes)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _from_export(directory: Path) -> Teacher:
-    from train.export import load_exported
-
-    config_file, weights_file = directory / "config.json", directory / "model.safetensors"
-    if not (config_file.is_file() and weights_file.is_file()):
-        raise TeacherError(f"kd.teacher={directory} is not an export directory (it needs config.json and "
-                           f"model.safetensors, as `python -m train` writes to <run dir>/export)")
+        raise TeacherError(f"distill=true needs a teacher: set {settings.spec}=<export dir | checkpoint | timm name> "
+                           f"(a timm name also needs {settings.weights}=<local weights file>)")
     try:
-        config = json.loads(config_file.read_text())
-        model = load_exported(directory)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise TeacherError(f"cannot load the teacher export {directory}: {e}") from None
-    names = config.get("label_names") or []
-    cfg = config["pretrained_cfg"]
-    return Teacher(model, tuple(names), {k: _plain(cfg[k]) for k in DATA_KEYS}, str(directory),
-                   config["architecture"], _sha256(weights_file))
+        net = load_network(spec, settings=settings, weights=weights, labels=labels, num_classes=num_classes)
+    except LoadError as e:
+        raise TeacherError(str(e)) from None
+    return Teacher(net.model, net.label_names, net.data_config, net.source, net.architecture, net.weights_sha256)
 
 
-def _from_checkpoint(path: Path) -> Teacher:
-    from train.export import ExportError, load_checkpoint
-    from train.export.checkpoint import build_network, network_state
-
-    try:
-        ckpt = load_checkpoint(path)
-        names = tuple(ckpt["dataset"]["label_names"])
-        architecture = ckpt["run_config"]["model"]["name"]
-        model = build_network(architecture, len(names), network_state(ckpt["state_dict"]))
-    except ExportError as e:
-        raise TeacherError(f"kd.teacher={path}: {e}") from None
-    return Teacher(model, names, {k: _plain(ckpt["data_config"][k]) for k in DATA_KEYS}, str(path), architecture,
-                   _sha256(path))
+def resolve_device(name: str) -> torch.device:
+    """kd.build.device: `auto` is the GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
-def _from_timm(name: str, weights: str | None, labels: str | None, num_classes: int | None) -> Teacher:
-    import timm
-    from timm.data import ImageNetInfo, resolve_model_data_config
-
-    import train.models  # noqa: F401 - registers the variants timm lacks
-
-    if not timm.is_model(name):
-        raise TeacherError(f"kd.teacher={name} is neither an export directory, a checkpoint nor a timm model name")
-    if not weights or not Path(weights).is_file():
-        raise TeacherError(f"kd.teacher={name} is a timm name: set kd.teacher_weights to a local weights file "
-                           f"(nothing is downloaded); got {weights!r}")
-    if labels:
-        names = tuple(line.strip() for line in Path(labels).read_text().splitlines() if line.strip())
-    elif num_classes == 1000:
-        names = tuple(ImageNetInfo().label_names())
-    else:
-        raise TeacherError(f"kd.teacher={name}: set kd.teacher_labels to a file of its class names, one per line "
-                           "(only 1000-class teachers are assumed to use ImageNet-1k's synsets)")
-    try:
-        model = timm.create_model(name, pretrained=True, num_classes=len(names),
-                                  pretrained_cfg_overlay=dict(file=str(weights), num_classes=len(names)))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise TeacherError(f"cannot load {weights} into {name} with {len(names)} classes: {e}") from None
-    data_config = resolve_model_data_config(model)
-    return Teacher(model, names, {k: _plain(data_config[k]) for k in DATA_KEYS}, name, name, _sha256(Path(weights)))
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (tuple, list)) else value
+def autocast_bf16(device: torch.device, precision: str) -> bool:
+    """kd.build.precision: `auto` (or `bf16`) runs the teacher under bf16 autocast on a GPU that has it."""
+    return device.type == "cuda" and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()

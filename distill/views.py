@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import simplejpeg
 
@@ -161,7 +162,5 @@ class StoredViews(ViewSource):
 
 
 def _decode_png(data: bytes) -> np.ndarray:
-    import cv2
-
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     return np.ascontiguousarray(arr[:, :, ::-1])

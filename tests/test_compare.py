@@ -8,36 +8,38 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from wandb_records import artifacts, defined_metrics, history, run_config
+from conftest import compose_run
+from timm.data import resolve_model_data_config
+from wandb_records import artifacts, defined_metrics, history, records, run_config
 
-REPO = Path(__file__).resolve().parents[1]
+from data_pipes.shards.metadata import info_sha256
+from train.builders import datamodule_args
+from train.compare.__main__ import main
+from train.compare.runs import CompareError, from_wandb_run, parse_filters, wandb_runs
+from train.export.provenance import git_state
+from train.run import train
+
 pytestmark = [pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
               pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined")]
 
 
-def compose_run(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[
-            "model=mnv3_s_075", "data.img_size=32", "data.num_workers=1", "trainer.accelerator=cpu",
-            "trainer.devices=1", "trainer.max_epochs=2", "trainer.log_every_n_steps=2", "callbacks.progress_bar=false",
-            "logger.wandb.enabled=true", "logger.wandb.mode=offline", *overrides])
+# Runs that log to W&B (offline) every second step, for two epochs.
+LOGGED = ("trainer.max_epochs=2", "trainer.log_every_n_steps=2", "logger.wandb.enabled=true",
+          "logger.wandb.mode=offline")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, synthetic_shards) -> dict[str, Path]:
     """Three real runs on the same data: batch 10 and batch 20 (labels only, exported), and a distilled student of
     the first (online, the first run's export as teacher)."""
-    from train.run import train
-
     tmp = tmp_path_factory.mktemp("compare")
     dirs = {"b10": tmp / "b10", "b20": tmp / "b20", "kd": tmp / "kd"}
-    train(compose_run(f"run_dir={dirs['b10']}", f"data.root={synthetic_shards}", "data.batch_size=10"))
-    train(compose_run(f"run_dir={dirs['b20']}", f"data.root={synthetic_shards}", "data.batch_size=20",
+    train(compose_run(*LOGGED, f"run_dir={dirs['b10']}", f"data.root={synthetic_shards}", "data.batch_size=10"))
+    train(compose_run(*LOGGED, f"run_dir={dirs['b20']}", f"data.root={synthetic_shards}", "data.batch_size=20",
                       "export_latency=false"))
-    train(compose_run(f"run_dir={dirs['kd']}", f"data.root={synthetic_shards}", "data.batch_size=20", "distill=true",
-                      f"kd.teacher={dirs['b10'] / 'export'}", "kd.sources.d1.replicas=2", "kd.sources.d2.replicas=2",
-                      "trainer.max_epochs=1", "export=false"))
+    train(compose_run(*LOGGED, f"run_dir={dirs['kd']}", f"data.root={synthetic_shards}", "data.batch_size=20",
+                      "distill=true", f"kd.teacher={dirs['b10'] / 'export'}", "kd.sources.d1.replicas=2",
+                      "kd.sources.d2.replicas=2", "trainer.max_epochs=1", "export=false"))
     return dirs
 
 
@@ -62,8 +64,6 @@ def test_runs_with_different_batch_sizes_line_up_by_epoch_and_images_seen_in_wan
 
 
 def test_each_run_carries_its_provenance_in_wandb_the_export_and_its_summary(runs, synthetic_shards):
-    from data_pipes.shards.metadata import info_sha256
-    from train.provenance import git_state
 
     config = run_config(wandb_log(runs["b10"]))
     shipped = json.loads((runs["b10"] / "export" / "metrics.json").read_text())
@@ -92,7 +92,6 @@ def test_the_summary_is_the_comparison_row_in_summary_json_and_in_wandb(runs):
                                                       / 1e6)
     assert summary["export/latency_ms_1thread"] > 0 and summary["export/latency_ms_all_threads"] > 0
     # The same values in the W&B summary (the last summary record holds the final ones).
-    from wandb_records import records
 
     final = {}
     for record in records(wandb_log(runs["b10"])):
@@ -118,7 +117,6 @@ def test_the_export_is_a_wandb_model_artifact_and_a_distilled_run_names_its_teac
 
 
 def test_compare_prints_the_table_and_writes_charts_with_a_point_per_run_and_paper_model(runs, tmp_path, capsys):
-    from train.compare.__main__ import main
 
     assert main([str(runs["b10"]), str(runs["b20"]), str(runs["kd"]), "--out", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out.strip().splitlines()
@@ -146,7 +144,6 @@ def test_compare_prints_the_table_and_writes_charts_with_a_point_per_run_and_pap
 
 
 def test_compare_refuses_a_directory_that_is_not_a_run(tmp_path, runs, capsys):
-    from train.compare.__main__ import main
 
     assert main([str(tmp_path)]) == 2
     assert f"{tmp_path} is not a run directory (no summary.json)" in capsys.readouterr().err
@@ -169,7 +166,6 @@ class WandbRun:
 
 
 def test_compare_reads_a_wandb_runs_summary_config_and_history_the_way_it_reads_a_run_dir():
-    from train.compare.runs import CompareError, from_wandb_run, parse_filters, wandb_runs
 
     run = from_wandb_run(WandbRun())
     assert (run.name, run.top1, run.paper["top1"]) == ("mnv4_conv_s-paper-kd", 71.5, 73.8)
@@ -192,12 +188,8 @@ def test_compare_reads_a_wandb_runs_summary_config_and_history_the_way_it_reads_
 
 
 def test_validation_decodes_the_standard_eval_pixels_by_default(synthetic_shards):
-    from timm.data import resolve_model_data_config
-
-    import train.run as run
-
-    cfg = compose_run(f"data.root={synthetic_shards}")
     data_config = resolve_model_data_config(torch.nn.Linear(1, 1), args={"input_size": (3, 32, 32)})
-    assert run._datamodule_args(cfg, data_config)["eval_transform"].dct_reduce is False
+    cfg = compose_run(f"data.root={synthetic_shards}")
+    assert datamodule_args(cfg, data_config)["eval_transform"].dct_reduce is False
     cfg = compose_run(f"data.root={synthetic_shards}", "data.eval_dct_reduce=true")
-    assert run._datamodule_args(cfg, data_config)["eval_transform"].dct_reduce is True
+    assert datamodule_args(cfg, data_config)["eval_transform"].dct_reduce is True

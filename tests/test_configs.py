@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from torch import nn
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from train.nets.configs import CONF_DIR as CONF
+from train.nets.configs import compose_config
+from train.optim import optimizer_factory
 
 
 def options(group: str) -> list[str]:
@@ -16,8 +18,8 @@ def options(group: str) -> list[str]:
 
 
 def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=["run_dir=/tmp/unused", *overrides])
+    """The config as users compose it (no test overrides)."""
+    return compose_config(["run_dir=/tmp/unused", *overrides])
 
 
 MODELS = [m for m in options("model") if m != "timm"]
@@ -79,7 +81,6 @@ TABLE_9 = {"mnv4_conv_s": 75.5, "mnv4_conv_m": 82.7, "mnv4_conv_l": 85.9, "mnv4_
 
 
 def _target(experiment: str) -> float:
-    import re
 
     text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
     return float(re.search(r"^# Target: ([\d.]+) top-1", text, re.M).group(1))
@@ -109,9 +110,7 @@ def test_every_mnv4_distill_experiment_turns_distillation_on_and_targets_table_9
 @pytest.mark.parametrize(("opt", "batch", "expected"), [("adamw", 1024, 0.002), ("sgd", 1024, 0.001),
                                                          ("adamw", 4096, 0.004)])
 def test_lr_follows_the_global_batch_by_the_optimizers_rule(opt, batch, expected):
-    from torch import nn
 
-    from train.optim import optimizer_factory
 
     factory = optimizer_factory(opt, lr=0.004, weight_decay=0.0, lr_batch=4096,
                                 lr_scaling=compose_train(f"optim={opt}").optim.lr_scaling, global_batch=lambda: batch)

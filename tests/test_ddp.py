@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ddp_run
+import ddp_fit
 import pytest
 from shard_fixtures import sample_key, write_shards
 
@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     root = write_shards(tmp / "shards", TRAIN, VAL, num_classes=4)
     two = launch(root, tmp / "out", devices=2, mode="fit")
     # One rank needs no launcher: validate the same checkpoint in this process.
-    one = ddp_run.run(str(root), tmp / "one", devices=1, mode="validate", ckpt=str(tmp / "out" / "ckpt" / "last.ckpt"))
+    one = ddp_fit.run(str(root), tmp / "one", devices=1, mode="validate", ckpt=str(tmp / "out" / "ckpt" / "last.ckpt"))
     return two, [one]
 
 

@@ -3,20 +3,40 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import CPU_RUN, compose_run
 from omegaconf import OmegaConf
+from preemption import PreemptAt, Preemption
+from safetensors.torch import load_file
 
 from data_pipes.image.decode import open_image
 from data_pipes.image.views import ViewRecipe, blend, checksum
+from data_pipes.shards.make import make_shards
 from data_pipes.shards.metadata import read_info
-from data_pipes.stream.mixture import MixtureStream, SourceReader, batch_counts, integer_weights, source_blocks
+from data_pipes.stream.mixture import (
+    MixtureStream,
+    Rendered,
+    SourceReader,
+    batch_counts,
+    integer_weights,
+    source_blocks,
+)
+from distill.build import build as build_sets
 from distill.kdset import KDSetError, dequantize, read_block
 from distill.objectives import dense_targets
+from distill.reader import KDSets
+from distill.select import balance
+from distill.sources import build_teacher, source_configs
+from distill.teacher import load_teacher
+from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
@@ -25,17 +45,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.war
               pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")]
 
 
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 def aug(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "aug" / f"{name}.yaml"))
-
-
-COMMON = ("data.img_size=32", "model=mnv3_s_075", "data.num_workers=2", "trainer.accelerator=cpu",
-          "trainer.devices=1", "callbacks.progress_bar=false", "logger.wandb.enabled=false")
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +55,13 @@ def teacher(trained_teacher) -> Path:
 
 
 def kd_overrides(shards: Path, teacher: Path, sets: Path | None, *extra: str) -> list[str]:
-    return [*COMMON, f"data.root={shards}", f"kd.teacher={teacher}", f"kd.sets={sets or 'null'}",
+    return ["data.num_workers=2", f"data.root={shards}", f"kd.teacher={teacher}", f"kd.sets={sets or 'null'}",
             "kd.sources.d1.replicas=2", "kd.sources.d2.replicas=3", "kd.build.num_workers=1", "kd.build.batch_size=40",
             "kd.view_size=48", *extra]
 
 
 def build(shards, teacher, sets, *extra, **kw) -> Path:
-    from distill.build import build as run_build
-
-    return run_build(compose_cfg(*kd_overrides(shards, teacher, sets, *extra)), **kw)
+    return build_sets(compose_run(*kd_overrides(shards, teacher, sets, *extra)), **kw)
 
 
 # ------------------------------------------------------------------------------------------------ views
@@ -116,7 +125,6 @@ class _Labels:
         self.reader = SourceReader([("unused", np.arange(n))])
 
     def render(self, items):
-        from data_pipes.stream.mixture import Rendered
 
         return [Rendered(np.full((4, 4, 3), it.member % 256, np.uint8), it.member, f"{it.source}:{it.member}")
                 for it in items]
@@ -192,10 +200,8 @@ def test_a_killed_build_resumes_and_ends_identical_to_an_uninterrupted_one(tmp_p
     build(synthetic_shards, teacher, sets, stop_after=3)
     assert not (sets / "manifest.json").exists()
     with pytest.raises(KDSetError, match="partly built"):
-        from distill.build import KDSets
-        from distill.recipe import build_teacher, source_configs
 
-        cfg = compose_cfg(*kd_overrides(synthetic_shards, teacher, sets))
+        cfg = compose_run(*kd_overrides(synthetic_shards, teacher, sets))
         kd = OmegaConf.to_container(cfg.kd, resolve=True)
         info = read_info(synthetic_shards)
         KDSets.open(sets, kd=kd, sources=source_configs(kd, 48), teacher=build_teacher(kd, info),
@@ -208,28 +214,24 @@ def test_a_killed_build_resumes_and_ends_identical_to_an_uninterrupted_one(tmp_p
 
 def test_training_refuses_sets_built_for_another_recipe_or_with_other_pixels(tmp_path, built, synthetic_shards,
                                                                             teacher):
-    from train.run import train
 
     with pytest.raises(KDSetError, match="recipe"):
-        train(compose_cfg(*kd_overrides(synthetic_shards, teacher, built, "kd.jpeg_quality=80", "distill=true",
+        train(compose_run(*kd_overrides(synthetic_shards, teacher, built, "kd.jpeg_quality=80", "distill=true",
                                         f"run_dir={tmp_path / 'a'}")))
     tampered = tmp_path / "sets"
-    import shutil
 
     shutil.copytree(built, tampered)
     check = tampered / "d1" / "block-000000.check.json"
     sums = json.loads(check.read_text())
     check.write_text(json.dumps({k: "0" * 16 for k in sums}))
     with pytest.raises(KDSetError, match="other pixels"):
-        train(compose_cfg(*kd_overrides(synthetic_shards, teacher, tampered, "distill=true",
+        train(compose_run(*kd_overrides(synthetic_shards, teacher, tampered, "distill=true",
                                         f"run_dir={tmp_path / 'b'}")))
 
 
 def test_replay_reproduces_the_pixels_the_teacher_labelled(built, synthetic_shards, teacher):
-    from distill.build import KDSets
-    from distill.recipe import build_teacher, source_configs
 
-    cfg = compose_cfg(*kd_overrides(synthetic_shards, teacher, built))
+    cfg = compose_run(*kd_overrides(synthetic_shards, teacher, built))
     kd = OmegaConf.to_container(cfg.kd, resolve=True)
     info = read_info(synthetic_shards)
     sets = KDSets.open(built, kd=kd, sources=source_configs(kd, 48), teacher=build_teacher(kd, info),
@@ -247,7 +249,6 @@ def sources_blocks_cover(info) -> bool:
 
 
 def teacher_state(export: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
 
     return load_file(str(export / "model.safetensors"))
 
@@ -256,7 +257,6 @@ def teacher_state(export: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["offline", "online", "logit", "offline_d3", "online_d3"])
 def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mode, tmp_path, request,
                                                                               synthetic_shards, teacher):
-    from train.run import train
 
     d3 = [f"kd.extra_root={synthetic_shards}", *D3]
     extra = {"offline": [], "online": [], "logit": ["kd=logit"], "offline_d3": d3, "online_d3": d3}[mode]
@@ -264,7 +264,7 @@ def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mo
     sets = request.getfixturevalue(sets) if sets else None
     run_dir = tmp_path / mode
     before = {k: v.clone() for k, v in teacher_state(teacher).items()}
-    metrics = train(compose_cfg(*kd_overrides(synthetic_shards, teacher, sets, "distill=true", *extra,
+    metrics = train(compose_run(*kd_overrides(synthetic_shards, teacher, sets, "distill=true", *extra,
                                               f"run_dir={run_dir}", "data.batch_size=20", "trainer.max_epochs=1",
                                               "trainer.log_every_n_steps=1")))
     assert "val/teacher_agree" in metrics and "val/teacher_acc1" in metrics and metrics["export/top1"] >= 0
@@ -280,7 +280,6 @@ def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mo
     if mode == "online_d3":  # the selection was made before training and kept with the run
         assert (run_dir / "kd_selection" / "selection.npz").is_file()
     # The teacher was not trained, nor were its BatchNorm statistics moved by being run in train mode.
-    from distill.teacher import load_teacher
 
     reloaded = load_teacher(str(teacher))
     assert all(torch.equal(v, reloaded.model.state_dict()[k]) for k, v in before.items())
@@ -290,7 +289,6 @@ def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mo
 
 
 def test_class_balancing_keeps_the_most_confident_and_repeats_rare_classes_up_to_per_class():
-    from distill.select import balance
 
     rng = np.random.default_rng(0)
     # Deliberately unbalanced: class 0 has 60 confident images, class 1 three, class 2 only unconfident ones,
@@ -343,9 +341,7 @@ def test_d3_refuses_an_extra_source_where_no_image_passes_the_threshold(tmp_path
 
 
 def test_d3_refuses_an_empty_extra_source(tmp_path, synthetic_shards, teacher, synthetic_folder):
-    import shutil
 
-    from data_pipes.shards.make import make_shards
 
     empty = tmp_path / "extra"
     shutil.copytree(synthetic_folder / "val", empty / "val")  # shards with a val split but no train images
@@ -361,14 +357,11 @@ def test_d3_refuses_an_empty_extra_source(tmp_path, synthetic_shards, teacher, s
 @pytest.mark.slow
 def test_two_ranks_distil_on_equal_batch_counts_disjoint_samples_and_exact_source_mixes(tmp_path, built,
                                                                                         synthetic_shards, teacher):
-    import os
-    import subprocess
-    import sys
 
     out, run_dir = tmp_path / "ranks", tmp_path / "run"
-    overrides = kd_overrides(synthetic_shards, teacher, built, "distill=true", f"run_dir={run_dir}",
+    overrides = [*CPU_RUN, *kd_overrides(synthetic_shards, teacher, built, "distill=true", f"run_dir={run_dir}",
                              "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=8", "data.num_workers=1",
-                             "trainer.max_epochs=1", "kd.sources.d2.weight=3")
+                             "trainer.max_epochs=1", "kd.sources.d2.weight=3")]
     done = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "ddp_train_run.py"), str(out),
                            *overrides], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -389,13 +382,11 @@ def test_two_ranks_distil_on_equal_batch_counts_disjoint_samples_and_exact_sourc
 @pytest.mark.parametrize("mode", ["offline", "online"])
 def test_a_distill_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_weights(mode, tmp_path, built,
                                                                                    synthetic_shards, teacher):
-    from preemption import PreemptAt, Preemption
 
-    from train.run import train
 
     def run(run_dir: Path, *extra: str, callbacks=()):
         # No dropout: the RNG state is not in checkpoints yet (issue 9), and dropout masks would then differ.
-        cfg = compose_cfg(*kd_overrides(synthetic_shards, teacher, built if mode == "offline" else None,
+        cfg = compose_run(*kd_overrides(synthetic_shards, teacher, built if mode == "offline" else None,
                                         "distill=true", f"run_dir={run_dir}", "data.batch_size=20",
                                         "trainer.max_epochs=2", "kd.drop_rate=0.0", "ema.decay=0.9",
                                         "callbacks.checkpoint.every_n_train_steps=1", "export=false", *extra))

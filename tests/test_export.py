@@ -16,8 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from data_pipes.shards.metadata import DatasetInfo, SplitInfo, write_info
-from train import export as ex
-from train.export import ARTIFACTS, ONNX_OPSET, ONNX_REL_TOL, ExportError, export_model, load_exported, main, normalize
+from train.export import ONNX_REL_TOL, ExportError, ExportReport, export_model, main
+from train.nets.files import ARTIFACTS, ONNX_OPSET
+from train.nets.latency import onnx_latency_ms
+from train.nets.load import load_exported
+from train.nets.normalize import normalize
 
 ARCH = "mobilenetv3_small_050"
 NUM_CLASSES = 8
@@ -79,7 +82,7 @@ def val_batches(trained) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, trained, val_batches) -> ex.ExportReport:
+def exported(tmp_path_factory, trained, val_batches) -> ExportReport:
     out = tmp_path_factory.mktemp("run") / "export"
     # A one-pass iterator, as a DataLoader's is: the exporter must not need a second pass.
     return export_model(trained, out, architecture=ARCH, label_names=LABELS, data_config=DATA_CONFIG,
@@ -170,7 +173,6 @@ def test_metrics_count_only_valid_images_and_match_the_known_answer(exported):
 
 
 def test_export_measures_its_size_and_a_repeatable_batch_1_onnxruntime_latency(exported):
-    from train.export.latency import onnx_latency_ms
 
     metrics = exported.metrics
     assert metrics["size_mb"]["safetensors"] == pytest.approx((exported.out_dir / "model.safetensors").stat().st_size

@@ -11,15 +11,8 @@ from timm.layers import DropPath
 from timm.layers.attention2d import MultiQueryAttention2d
 from torch import nn
 
-from train.models import (
-    ModelConfigError,
-    UnknownModelError,
-    check_img_size,
-    count_macs,
-    create_model,
-    list_model_configs,
-    model_config_dir,
-)
+from train.nets import ModelConfigError, UnknownModelError, check_img_size, count_macs, create_model
+from train.nets.configs import list_model_configs, model_config_dir
 
 PUBLISHED = ["mnv1_100", "mnv1_075", "mnv1_050", "mnv1_025", "mnv2_140", "mnv2_100", "mnv2_075", "mnv2_050", "mnv2_035",
              "mnv3_l_100", "mnv3_l_075", "mnv3_s_100", "mnv3_s_075", "mnv3_l_min", "mnv4_conv_s", "mnv4_conv_m",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.normalize import normalize_images
+from train.nets.normalize import normalize_images
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]) * 255

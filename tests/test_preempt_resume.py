@@ -10,28 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_run
 from preemption import PreemptAt, PreemptBeforeValidation, Preemption, SignalAt
 
-REPO = Path(__file__).resolve().parents[1]
+from train.cluster.requeue import Requeued, Stopped
+from train.run import train
+
 STEPS_PER_EPOCH = 12  # 200 train images of the synthetic shards, batch 16
 
 
 def run(root: Path, run_dir: Path, *overrides: str, callbacks=()) -> dict[str, float]:
-    from train.run import train
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            f"run_dir={run_dir}", f"data.root={root}", "model=mnv3_s_075", "data.img_size=32", "data.batch_size=16",
-            "data.num_workers=2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_epochs=2",
-            # Everything that draws from the global RNGs: dropout, drop-path (torch) and Mixup/CutMix (numpy).
-            "model.drop_rate=0.2", "model.drop_path_rate=0.1", "aug.mixup.mixup_alpha=0.8",
-            "aug.mixup.cutmix_alpha=1.0", "ema.decay=0.9",
-            "callbacks.checkpoint.every_n_train_steps=1", "callbacks.progress_bar=false",
-            # Rows on odd steps: a stop after batch 5 (step 6) must first log that batch's row (step 5).
-            "trainer.log_every_n_steps=2",
-            "logger.wandb.enabled=false", "export=false", *overrides,
-        ])
+    cfg = compose_run(
+        f"run_dir={run_dir}", f"data.root={root}", "data.batch_size=16", "data.num_workers=2", "trainer.max_epochs=2",
+        # Everything that draws from the global RNGs: dropout, drop-path (torch) and Mixup/CutMix (numpy).
+        "model.drop_rate=0.2", "model.drop_path_rate=0.1", "aug.mixup.mixup_alpha=0.8", "aug.mixup.cutmix_alpha=1.0",
+        "ema.decay=0.9", "callbacks.checkpoint.every_n_train_steps=1",
+        # Rows on odd steps: a stop after batch 5 (step 6) must first log that batch's row (step 5).
+        "trainer.log_every_n_steps=2", "export=false", *overrides)
     return train(cfg, callbacks=callbacks)
 
 
@@ -82,14 +77,13 @@ def test_a_run_killed_and_resumed_reproduces_the_uninterrupted_runs_weights_with
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2], ids=["slurm_usr1", "submitit_usr2"])
 def test_a_signal_checkpoints_at_the_next_step_and_the_default_ckpt_path_resumes_to_the_uninterrupted_run(
         tmp_path, synthetic_shards, uninterrupted, signum, caplog):
-    from train.requeue import Requeued
 
     a_dir, a_metrics = uninterrupted
     with pytest.raises(Requeued, match=f"stopped on {signal.Signals(signum).name} at step 6"):
         run(synthetic_shards, tmp_path, callbacks=[SignalAt(5, signum)])  # handled at the end of the next step
     assert last(tmp_path)["global_step"] == 6
     assert signal.getsignal(signum) is signal.SIG_DFL  # the handler is removed with the run
-    with caplog.at_level("INFO", logger="train.requeue"):
+    with caplog.at_level("INFO", logger="train.cluster.requeue"):
         resumed = run(synthetic_shards, tmp_path)  # ckpt_path=auto (the default) finds last.ckpt
     assert f"resumed from {tmp_path / 'checkpoints' / 'last.ckpt'} at step 6 (epoch 0)" in caplog.text
     a, b = last(a_dir), last(tmp_path)
@@ -103,7 +97,6 @@ def test_a_signal_checkpoints_at_the_next_step_and_the_default_ckpt_path_resumes
 @pytest.mark.slow
 def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_the_resumed_log_keeps_every_row_once(
         tmp_path, synthetic_shards, uninterrupted):
-    from train.requeue import Requeued
 
     a_dir, _ = uninterrupted
     # Seen at the end of the epoch's last batch (step 12): the stop waits for the validation that follows; the resumed
@@ -119,7 +112,6 @@ def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_the_res
 @pytest.mark.slow
 def test_a_signalled_run_closes_its_wandb_segment_and_the_restart_continues_the_same_run_id(tmp_path,
                                                                                               synthetic_shards):
-    from train.requeue import Requeued
 
     wandb_on = ("logger.wandb.enabled=true", "logger.wandb.mode=offline", "trainer.max_epochs=1")
     with pytest.raises(Requeued):
@@ -128,7 +120,7 @@ def test_a_signalled_run_closes_its_wandb_segment_and_the_restart_continues_the_
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
     first = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     # The segment was finished before the stop: its steps are on disk (a W&B service killed by the requeue's
-    # SIGTERM leaves a 7-byte header, slurm.md).
+    # SIGTERM leaves a 7-byte header, as seen with wandb 0.31 offline under Slurm 22.05).
     assert len(first) == 1 and first[0].stat().st_size > 10_000, first
     time.sleep(1.1)  # offline folders are named by the second they start in: keep the two segments apart
     run(synthetic_shards, tmp_path, *wandb_on)
@@ -140,7 +132,6 @@ def test_a_signalled_run_closes_its_wandb_segment_and_the_restart_continues_the_
 @pytest.mark.slow
 def test_sigterm_checkpoints_at_the_next_step_and_stops_without_a_requeue_and_auto_resumes_by_hand(
         tmp_path, synthetic_shards, uninterrupted):
-    from train.requeue import Requeued, Stopped
 
     a_dir, a_metrics = uninterrupted
     with pytest.raises(Stopped, match="stopped on SIGTERM at step 6.*not requeued") as stopped:
@@ -158,7 +149,6 @@ def test_sigterm_checkpoints_at_the_next_step_and_stops_without_a_requeue_and_au
 @pytest.mark.slow
 def test_a_requeue_signal_a_launcher_handled_before_the_run_goes_back_to_that_handler_after_the_checkpoint(
         tmp_path, synthetic_shards):
-    from train.requeue import Requeued
 
     # submitit installs its USR2 handler before it calls the training function (it requeues and resubmits the
     # pickled job itself); the run checkpoints first, then hands the signal over.

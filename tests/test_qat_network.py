@@ -213,7 +213,7 @@ def real_batch(shapes):
     does."""
     from data_pipes.image.augment import build_eval_transform
     from data_pipes.stream.datamodule import build_eval_loader
-    from train.export.artifacts import normalize
+    from train.nets.normalize import normalize
 
     loader = build_eval_loader(str(shapes), build_eval_transform(32, crop_pct=0.875, interpolation="bilinear",
                                                                      dct_reduce=False),
@@ -226,7 +226,7 @@ def real_batch(shapes):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_fine_tunes_with_fake_quant_converts_and_runs_int8_in_both_runtimes(family, real_batch,
                                                                                         weight_bits, tmp_path):
-    from train.models import create_model
+    from train.nets import create_model
     from train.quant.backend import quantizer
     from train.quant.deploy import OnnxRunner, PteRunner, convert, kept_float, write_onnx, write_pte
     from train.quant.network import FakeQuantNetwork
@@ -271,8 +271,8 @@ def test_each_family_fine_tunes_with_fake_quant_converts_and_runs_int8_in_both_r
     agree = {name: 100.0 * float((out == ref).float().mean()) for name, out in (("pte", pte_out), ("onnx", onnx_out))}
     # Thresholds, top-1 agreement with the converted PyTorch int8 model on these 50 images: ExecuTorch 84 %,
     # onnxruntime 80 %. Measured here (8-bit weights, a CPU with VNNI): 86-100 % (V2-0.35 at 32 px is the lowest); on
-    # models trained for real, 94-99.8 % (recipes.md §9). With 8-bit weights on a CPU without VNNI, onnxruntime fell to
-    # 72 % on V2 (CI), which is why such hosts run this test with 7-bit weights.
+    # models trained for real, 94-99.8 % (64 px, 10 classes). With 8-bit weights on a CPU without VNNI, onnxruntime
+    # fell to 72 % on V2 (CI), which is why such hosts run this test with 7-bit weights.
     assert agree["pte"] >= 84 and agree["onnx"] >= 80, agree
     assert (ref == y).float().mean() >= 0.8  # QAT kept the int8 model on the batch (measured 88-100 %)
     assert pte.dynamic

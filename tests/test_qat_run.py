@@ -4,10 +4,20 @@ measured in their runtimes, train.export of QAT and float (PTQ) checkpoints, and
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from conftest import CPU_RUN, compose_run
+from preemption import PreemptAt, Preemption
+from safetensors.torch import load_file
+
+from train.export import main
+from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -16,27 +26,24 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 pytest.importorskip("executorch", reason="qat needs the int8 extra: pip install 'mobilenet-train[int8]'")
 
 
+SHAPES_RUN = ("data.img_size=64", "data.batch_size=25")  # the shapes need more than 32 px to be told apart
+
+
 def compose_overrides(*overrides: str) -> list[str]:
-    return ["model=mnv3_s_075", "data.img_size=64", "data.batch_size=25", "data.num_workers=1",
-            "trainer.accelerator=cpu", "trainer.devices=1", "callbacks.progress_bar=false",
-            "logger.wandb.enabled=false", *overrides]
+    return [*CPU_RUN, *SHAPES_RUN, *overrides]
 
 
-def compose_run(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=compose_overrides(*overrides))
+def compose_shapes_run(*overrides: str):
+    return compose_run(*SHAPES_RUN, *overrides)
 
 
 @pytest.fixture(scope="module")
 def float_export(tmp_path_factory, shapes) -> Path:
     """A float model trained by the pipeline until its predictions are confident (top-1 agreement between
     runtimes means little on the near-uniform logits of an untrained one)."""
-    from train.run import train
 
     run_dir = tmp_path_factory.mktemp("float")
-    train(compose_run(f"run_dir={run_dir}", f"data.root={shapes}", "trainer.max_epochs=12",
+    train(compose_shapes_run(f"run_dir={run_dir}", f"data.root={shapes}", "trainer.max_epochs=12",
                       "optim.lr=4e-3", "optim.weight_decay=0.01", "sched.warmup_epochs=1", "label_smoothing=0.0",
                       "model.drop_rate=0.0", "aug.train.scale=[0.35,1.0]"))
     assert json.loads((run_dir / "export" / "metrics.json").read_text())["top1"] >= 30  # well above chance (10 %)
@@ -56,9 +63,6 @@ def qat_overrides(shapes: Path, float_export: Path, run_dir: Path, *extra: str, 
 def qat_run(tmp_path_factory, shapes, float_export, weight_bits):
     """A 2-rank DDP (gloo) QAT run of the pipeline from float_export, with EMA, exported to int8 and measured, as
     a user launches it (Lightning re-executes the script for rank 1). Returns its run dir and each rank's record."""
-    import os
-    import subprocess
-    import sys
 
     tmp = tmp_path_factory.mktemp("qat")
     run_dir, out = tmp / "run", tmp / "ranks"
@@ -133,13 +137,11 @@ def test_two_rank_ddp_qat_run_trains_both_ranks_alike_and_ships_int8_measured_in
 @pytest.mark.slow
 def test_a_qat_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_weights_and_scales(tmp_path, shapes,
                                                                                         float_export):
-    from preemption import PreemptAt, Preemption
 
-    from train.run import train
 
     def run(run_dir: Path, *extra: str, callbacks=()):
         # Dropout on: the dropout node of the exported graph draws from the global RNG, which the checkpoint holds.
-        return train(compose_run(*qat_overrides(shapes, float_export, run_dir, "export=false", *extra,
+        return train(compose_shapes_run(*qat_overrides(shapes, float_export, run_dir, "export=false", *extra,
                                                 drop_rate=0.2)),
                      callbacks=callbacks)
 
@@ -162,7 +164,6 @@ def test_a_qat_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_weights_an
 @pytest.mark.slow
 def test_train_export_ships_int8_from_a_qat_checkpoint_and_fails_loudly_below_the_agreement_threshold(
         tmp_path, qat_run, capsys):
-    from train.export import main
 
     # The QAT run's checkpoint with an agreement threshold no runtime can reach: the export is written, and says so.
     ckpt = torch.load(qat_run[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -183,10 +184,7 @@ def test_train_export_ships_int8_from_a_qat_checkpoint_and_fails_loudly_below_th
 
 @pytest.mark.slow
 def test_qat_with_distill_learns_from_the_float_model_of_init_from_by_default(tmp_path, shapes, float_export):
-    import lightning as L
-    from safetensors.torch import load_file
 
-    from train.run import train
 
     class TeacherSpy(L.Callback):
         def on_fit_start(self, trainer, pl_module):
@@ -194,7 +192,7 @@ def test_qat_with_distill_learns_from_the_float_model_of_init_from_by_default(tm
 
     spy = TeacherSpy()
     run_dir = tmp_path / "qat_kd"
-    metrics = train(compose_run("qat=true", "distill=true", "kd=logit", f"init_from={float_export}",
+    metrics = train(compose_shapes_run("qat=true", "distill=true", "kd=logit", f"init_from={float_export}",
                                 f"data.root={shapes}", "trainer.max_epochs=1", "export=false", f"run_dir={run_dir}"),
                     callbacks=[spy])
     assert metrics["val/acc1"] > 0 and metrics["val/teacher_acc1"] > 0
@@ -209,7 +207,6 @@ def test_qat_with_distill_learns_from_the_float_model_of_init_from_by_default(tm
 @pytest.mark.slow
 def test_post_training_quantization_of_a_float_checkpoint_exports_and_measures_int8(tmp_path, float_export,
                                                                                      weight_bits):
-    from train.export import main
 
     # The float model is trained only so far (about 40 % top-1): small logit margins, so the thresholds here are
     # ExecuTorch 70 %, onnxruntime 65 % top-1 agreement with the PyTorch int8 model (set in a copy's run config).

@@ -3,15 +3,15 @@ limit_train_batches, whichever ends it first."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import csv
 
 import pytest
 import torch
+from conftest import compose_run
 
+from train.builders import limited_batches
 from train.optim import scheduler_factory
-from train.run import limited_batches
-
-REPO = Path(__file__).resolve().parents[1]
+from train.run import train
 
 
 def lrs(factory, updates_per_epoch: int, updates: int) -> list[float]:
@@ -47,20 +47,10 @@ def test_limit_train_batches_caps_or_scales_the_batches_of_an_epoch_as_lightning
 
 @pytest.mark.slow
 def test_a_run_cut_by_max_steps_ends_its_cosine_at_min_lr(tmp_path, synthetic_shards):
-    import csv
-
-    from hydra import compose, initialize_config_dir
-
-    from train.run import train
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            f"run_dir={tmp_path}", f"data.root={synthetic_shards}", "model=mnv3_s_075", "data.img_size=32",
-            "data.batch_size=16", "data.num_workers=1", "trainer.accelerator=cpu", "trainer.devices=1",
-            "trainer.max_epochs=100", "trainer.max_steps=8", "trainer.limit_train_batches=5",
-            "trainer.log_every_n_steps=1", "sched.warmup_epochs=0", "sched.min_lr=1e-5", "optim.lr=1e-2",
-            "callbacks.progress_bar=false", "logger.wandb.enabled=false", "export=false"])
-    train(cfg)
+    train(compose_run(f"run_dir={tmp_path}", f"data.root={synthetic_shards}", "data.batch_size=16",
+                      "trainer.max_epochs=100", "trainer.max_steps=8", "trainer.limit_train_batches=5",
+                      "trainer.log_every_n_steps=1", "sched.warmup_epochs=0", "sched.min_lr=1e-5", "optim.lr=1e-2",
+                      "export=false"))
     with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
         lr = [float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")]
     # 8 updates (2 epochs of 5 limited batches would be 10, 100 epochs far more): the lr of the 8th step is the

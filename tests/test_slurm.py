@@ -163,8 +163,8 @@ def test_a_job_signalled_twice_requeues_resumes_in_its_run_dir_and_ends_like_an_
     segments = list((b / "wandb").glob("offline-run-*"))
     assert len(segments) == 3 and all(s.name.endswith(f"-{run_id}") for s in segments), segments
     # W&B: every segment's rows on disk (a requeue's SIGTERM kills W&B's service: a segment not finished before it
-    # keeps only its file header, slurm.md), together each logged step once, the same steps and values as the
-    # uninterrupted job's single segment.
+    # keeps only its file header, as seen with wandb 0.31), together each logged step once, the same steps and
+    # values as the uninterrupted job's single segment.
     per_segment = [wandb_losses(s) for s in sorted(segments)]
     assert all(per_segment), [len(rows) for rows in per_segment]
     assert sum(per_segment, []) == wandb_losses(*(a / "wandb").glob("offline-run-*")) and len(per_segment[0]) > 1

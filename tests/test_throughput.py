@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from train.callbacks import image_count
-from train.throughput import ThroughputLogger
+from train.tracking.throughput import ThroughputLogger
 
 BATCH = 4
 

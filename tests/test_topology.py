@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train import topology
+from train.cluster import topology
 
 SLURM = {"SLURM_NTASKS": "16", "SLURM_JOB_NAME": "mobilenet", "SLURM_JOB_NUM_NODES": "2",
          "SLURM_NTASKS_PER_NODE": "8", "SLURM_PROCID": "3", "SLURM_LOCALID": "3", "SLURM_NODEID": "0"}

@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import timm
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_run
 from safetensors.torch import load_file
+
+from data_pipes.shards.make import make_shards
+from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 # Four visually distinct Imagenette classes: chance is 25%.
@@ -28,26 +32,18 @@ def imagenette_slice(root: Path, out: Path, *, train_per_class: int, val_per_cla
     return out
 
 
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, imagenette_root):
-    from data_pipes.shards.make import make_shards
-    from train.run import train
 
     tmp = tmp_path_factory.mktemp("e2e")
     images = imagenette_slice(imagenette_root, tmp / "images", train_per_class=160, val_per_class=40)
     shards = tmp / "shards"
     make_shards(images, shards, samples_per_shard=100, workers=2)
-    cfg = compose_train(
+    cfg = compose_run(
         f"run_dir={tmp / 'run'}", f"data.root={shards}", "model=mnv3_s_100", "data.img_size=96",
-        "data.batch_size=32", "data.num_workers=2", "trainer.accelerator=cpu", "trainer.devices=1",
-        "trainer.max_epochs=14", "optim.lr=3e-3", "optim.weight_decay=0.01", "sched.warmup_epochs=1",
-        "label_smoothing=0.0", "aug.train.scale=[0.35,1]", "model.drop_rate=0.0", "ema.decay=0.98",
-        "logger.wandb.mode=offline", "callbacks.progress_bar=false",
+        "data.batch_size=32", "data.num_workers=2", "trainer.max_epochs=14", "optim.lr=3e-3",
+        "optim.weight_decay=0.01", "sched.warmup_epochs=1", "label_smoothing=0.0", "aug.train.scale=[0.35,1]",
+        "model.drop_rate=0.0", "ema.decay=0.98", "logger.wandb.enabled=true", "logger.wandb.mode=offline",
     )
     metrics = train(cfg)
     return tmp / "run", metrics
@@ -66,9 +62,8 @@ def test_short_run_on_real_photos_learns_well_above_chance(trained_run):
 @pytest.mark.imagenette
 @pytest.mark.slow
 def test_export_reloads_through_timm_and_onnxruntime_with_matching_logits(trained_run):
-    import onnxruntime as ort
 
-    import train.models  # noqa: F401  (registers the MobileNet variants timm lacks)
+    import train.nets  # noqa: F401  (registers the MobileNet variants timm lacks)
 
     export = trained_run[0] / "export"
     config = json.loads((export / "config.json").read_text())

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from train.models import count_macs, create_model
-from train.zoo import main, measure, zoo_keys
+from train.nets import count_macs, create_model
+from train.nets.zoo import measure, zoo_keys
+from train.zoo import main
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_KEYS = {"name", "timm_name", "resolution", "params_m", "macs_m", "paper_top1", "paper_params_m", "paper_macs_m",

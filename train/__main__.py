@@ -9,19 +9,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from data_pipes.errors import UserError
+from train.cluster.requeue import Requeued, Stopped
+from train.nets.configs import CONF_DIR, TRAIN_CONFIG
+from train.run import train
+
 log = logging.getLogger("train")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=TRAIN_CONFIG)
 def main(cfg: DictConfig) -> None:
-    from data_pipes.shards.metadata import DatasetError
-    from distill.kdset import KDSetError
-    from distill.teacher import TeacherError
-    from train.models import ModelConfigError
-    from train.quant.backend import QuantError
-    from train.requeue import Requeued, Stopped
-    from train.run import train
-
     try:
         train(cfg)
     except Stopped as e:  # checkpointed on a signal (and requeued under Slurm, for a requeue signal)
@@ -31,8 +28,7 @@ def main(cfg: DictConfig) -> None:
             return
         log.warning("%s", e)  # the exit status a process killed by that signal would have
         sys.exit(128 + (e.signum or signal.SIGTERM))
-    except (DatasetError, ModelConfigError, TeacherError, KDSetError, QuantError, NotImplementedError) as e:
-        # Bad input, not a bug: say what is wrong and how to fix it, without a stack trace.
+    except UserError as e:  # bad input, not a bug: say what is wrong and how to fix it, without a stack trace
         log.error("%s", e)
         sys.exit(2)
 

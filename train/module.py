@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from train.normalize import normalize_images
+from train.nets.normalize import normalize_images
 from train.optim import OptimizerFactory, SchedulerFactory
 
 BatchMixing = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]

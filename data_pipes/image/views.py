@@ -1,7 +1,7 @@
 """Replayable augmented views: draw a view's parameters, store them in ~100 bytes, render the same pixels later.
 
 The distillation sets (`distill.build`) keep, for every view of every source image, the parameters that made it
-rather than its pixels, as Apple's dataset reinforcement does (recipes.md §8): the Inception-crop box in source
+rather than its pixels, as Apple's dataset reinforcement does (apple/ml-dr): the Inception-crop box in source
 pixels, the flip, each RandAugment layer's op, level, sign, fill-centre and filter, the mixup partner with its own
 crop and flip, the mixing ratio and the JPEG quality. `ViewRecipe.draw` makes such a record and `ViewRecipe.render`
 turns (source bytes, record) into the uint8 view, so the build (which labels the pixels with the teacher) and the

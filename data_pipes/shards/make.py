@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_pipes.errors import UserError
 from data_pipes.shards.metadata import INFO_FILE, DatasetInfo, SplitInfo, write_info
 from data_pipes.shards.plan import (
     PLAN_FILE,
@@ -205,8 +206,6 @@ def write_all(todo: list[ShardSpec], source: Source, recode: Recode, out: Path, 
             for task in tasks:
                 yield write_shard(task, bar.update).record()
         return
-    import webdataset  # noqa: F401  (2 s with torch: imported once here, forked workers inherit it)
-
     counter = mp.Value("q", 0)
     with mp.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool, \
             _bar(total, progress) as bar:
@@ -352,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                     shard_bytes=args.shard_bytes, samples_per_shard=args.samples_per_shard, workers=args.workers,
                     resize=args.resize, quality=args.quality, validate=args.validate, overwrite=args.overwrite,
                     dry_run=args.dry_run, progress=not args.no_progress)
-    except ShardSourceError as e:
+    except UserError as e:  # bad input (the source, a label file, an option, the output dir): the message says how
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,17 +7,20 @@ order) so that training needs no `num_classes` override.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from data_pipes.errors import UserError
 
 INFO_FILE = "_info.json"
 FORMAT = "mobilenet-train/wds-v1"
 MAKE_SHARDS_HINT = "python -m data_pipes.shards.make --src /data/imagenet --out /data/imagenet-wds"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The shard directory is missing, empty, or disagrees with its metadata."""
 
 
@@ -95,8 +98,6 @@ def write_info(info: DatasetInfo) -> Path:
 def info_sha256(root: str | os.PathLike) -> str:
     """The shard set's identity: the first 16 hex digits of the SHA-256 of its `_info.json` (which lists every
     shard and its sample count)."""
-    import hashlib
-
     return hashlib.sha256((Path(root) / INFO_FILE).read_bytes()).hexdigest()[:16]
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from data_pipes.shards.make import make_shards
 from data_pipes.shards.metadata import INFO_FILE, MAKE_SHARDS_HINT, DatasetError, DatasetInfo, read_info
+from data_pipes.shards.synthetic import make_image_folder
 
 
 def prepare_dataset(root: str | None, *, synthetic: dict[str, Any] | None = None) -> DatasetInfo:
@@ -23,9 +25,6 @@ def prepare_dataset(root: str | None, *, synthetic: dict[str, Any] | None = None
 
 def make_synthetic_shards(root: Path, *, num_classes: int, train_per_class: int, val_per_class: int, size: int,
                           seed: int = 0) -> None:
-    from data_pipes.shards.make import make_shards
-    from data_pipes.shards.synthetic import make_image_folder
-
     images = make_image_folder(root.with_name(root.name + "-images"), num_classes=num_classes,
                                train_per_class=train_per_class, val_per_class=val_per_class, size=size, seed=seed)
     make_shards(images, root, samples_per_shard=max(64, train_per_class * num_classes // 4), workers=1)

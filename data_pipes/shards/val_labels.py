@@ -14,6 +14,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from scipy.io import loadmat
+
+from data_pipes.errors import UserError
+
 KAGGLE_CSV = "LOC_val_solution.csv"
 DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_META = "meta.mat"
@@ -24,7 +28,7 @@ LABEL_HELP = (
 )
 
 
-class ShardSourceError(ValueError):
+class ShardSourceError(UserError, ValueError):
     """The source folder, a label file or an option cannot be used; the message says how to fix it."""
 
 
@@ -137,11 +141,6 @@ def read_devkit_ids(path: Path) -> dict[int, str]:
 
 
 def _read_meta_mat(path: Path) -> dict[int, str]:
-    try:
-        from scipy.io import loadmat
-    except ImportError as e:
-        raise ShardSourceError(f"reading {path} needs scipy (pip install scipy), or pass a text file with the "
-                               f"wnids in ILSVRC2012_ID order instead") from e
     synsets = loadmat(str(path), squeeze_me=True)["synsets"]
     leaves = [s for s in synsets if int(s["num_children"]) == 0]  # the 1000 classes; the rest are WordNet parents
     return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}

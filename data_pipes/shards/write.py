@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from webdataset import TarWriter
 
 from data_pipes.shards.plan import PARTIAL_SUFFIX
 from data_pipes.shards.scan import Skip
@@ -58,8 +59,6 @@ class ShardResult:
 
 
 def write_shard(task: ShardTask, progress: Callable[[int], object] | None = None) -> ShardResult:
-    from webdataset import TarWriter  # imports torch; only the processes that write shards pay for it
-
     out = Path(task.out)
     tmp = out / (task.name + PARTIAL_SUFFIX)
     count, pending, skipped = 0, 0, []

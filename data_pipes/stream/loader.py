@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
+from data_pipes.errors import UserError
 from data_pipes.shards.metadata import MAKE_SHARDS_HINT
 from data_pipes.shards.read import ShardIndex, ShardIndexCache, read_run
 from data_pipes.stream.plan import (
@@ -50,7 +51,7 @@ Transform = Callable[[bytes], np.ndarray]
 _MAX_REPORTED = 20  # bad samples named in an error; the rest are counted
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The shards hold more unreadable samples than `max_bad_fraction` allows, or cannot feed a batch at all."""
 
 

@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # the repo, when not pip-installed
 
 import lightning.pytorch as pl  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+
+from train.nets.configs import compose_config  # noqa: E402
+from train.run import train  # noqa: E402
 
 
 class Recorder(pl.Callback):
@@ -40,12 +42,8 @@ class Recorder(pl.Callback):
 
 
 def main() -> None:
-    from train.run import train
-
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    train(cfg, callbacks=[Recorder(out)])
+    train(compose_config(overrides), callbacks=[Recorder(out)])
 
 
 if __name__ == "__main__":

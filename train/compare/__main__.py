@@ -11,8 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from data_pipes.errors import UserError
 from train.compare import plots, table
-from train.compare.runs import CompareError, find_runs, load_run, parse_filters, unique_names, wandb_runs
+from train.compare.runs import find_runs, load_run, parse_filters, unique_names, wandb_runs
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [load_run(path) for path in find_runs(args.runs)] if args.runs else []
         if args.wandb:
             runs += wandb_runs(args.wandb, parse_filters(args.filter))
-    except CompareError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runs = unique_names(runs)

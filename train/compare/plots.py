@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from train.compare.runs import RunData, dataset_label
+from train.nets.zoo import paper_points
 
 Series = dict[str, list[list[float]]]
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional at import time: only charts need it (its import costs ~1 s)
 
     matplotlib.use("Agg")  # files only: no display on clusters and CI
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional at import time, as above
 
     return plt
 
@@ -107,8 +108,6 @@ def _paper_points(runs: Sequence[RunData], x: str, paper_x: str | None, zoo: boo
     """(model, x, paper top-1): the runs' models (once each) or, with `zoo`, every zoo model."""
     points: dict[str, tuple[str, float, float]] = {}
     if zoo and paper_x:
-        from train.zoo import paper_points
-
         for p in paper_points():
             points[str(p["key"])] = (str(p["key"]), float(p[paper_x]), float(p["top1"]))
     for r in runs:

@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.summary import SUMMARY_FILE
+import wandb
+
+from data_pipes.errors import UserError
+from train.tracking.summary import SUMMARY_FILE
 
 CURVE_KEYS = ("epoch", "images_seen", "val/acc1")
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """The runs cannot be compared as asked; the message says why and what to pass instead."""
 
 
@@ -120,8 +123,6 @@ def wandb_runs(project: str, filters: Mapping[str, str], *, api: Any = None) -> 
     (our runs are tagged `model:<key>`, `recipe:<name>`, `family:<f>`, `distill:true|false`, `qat:true|false`),
     `state=finished`, or a config value (`recipe=paper`, `seed=1`: W&B's own filter path `config.<key>`)."""
     if api is None:
-        import wandb
-
         api = wandb.Api()
     query = {("tags" if key == "tags" else key if key.startswith(("config.", "summary_metrics.", "state")) else
               f"config.{key}"): {"$in": [v]} if key == "tags" else _value(v) for key, v in filters.items()}

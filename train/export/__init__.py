@@ -12,11 +12,14 @@ model comes back with timm alone, classifier included:
 `metrics.json` is measured on a model rebuilt from the written files (that same user path), not on the module in
 memory, so it describes exactly what ships. Everything is staged in a private folder and moved into place only once
 every check passed: a failed export leaves a previous export untouched.
+
+    artifacts   the export itself (weights, config, ONNX checked in onnxruntime, metrics), published atomically
+    checkpoint  a checkpoint -> its network (float, QAT, PTQ-calibrated) and its val shards -> the export
+    provenance  what a run and its export were made from (code, command, versions, data, teacher)
+    cli         the command line (`python -m train.export`)
 """
 
 from train.export.artifacts import (
-    ARTIFACTS,
-    ONNX_OPSET,
     ONNX_REL_TOL,
     ExportError,
     ExportReport,
@@ -24,14 +27,11 @@ from train.export.artifacts import (
     evaluate,
     export_model,
     export_onnx,
-    load_exported,
-    normalize,
 )
-from train.export.checkpoint import export_checkpoint, load_checkpoint, main
+from train.export.checkpoint import export_checkpoint, export_quantized
+from train.export.cli import main
 
 __all__ = [
-    "ARTIFACTS",
-    "ONNX_OPSET",
     "ONNX_REL_TOL",
     "ExportError",
     "ExportReport",
@@ -40,8 +40,6 @@ __all__ = [
     "export_checkpoint",
     "export_model",
     "export_onnx",
-    "load_checkpoint",
-    "load_exported",
+    "export_quantized",
     "main",
-    "normalize",
 ]

@@ -1,7 +1,7 @@
-"""`python -m train.export CKPT`: see train.export."""
+"""`python -m train.export CKPT`: see train.export.cli."""
 
 import sys
 
-from train.export.checkpoint import main
+from train.export.cli import main
 
 sys.exit(main())

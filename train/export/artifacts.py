@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
@@ -15,35 +14,42 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from safetensors.torch import save_file
+from timm.models._hub import save_config_for_hf
 from torch import nn
+
+from data_pipes.errors import UserError
+from train.nets.files import (
+    ARTIFACTS,
+    CONFIG_FILE,
+    DATA_CONFIG_KEYS,
+    METRICS_FILE,
+    ONNX_FILE,
+    ONNX_INPUT,
+    ONNX_OPSET,
+    ONNX_OUTPUT,
+    WEIGHTS_FILE,
+    quiet_onnx_exporter,
+)
+from train.nets.latency import latency_context, onnx_latencies
+from train.nets.load import LoadError, load_exported
+from train.nets.normalize import normalize
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-ONNX_FILE = "model.onnx"
-METRICS_FILE = "metrics.json"
-# Written last: its presence in an export dir means the other three files are complete and checked.
-ARTIFACTS = (WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE, METRICS_FILE)
-
-# torchlib's native opset (no version-conversion pass); run by onnxruntime >= 1.14 and TensorRT >= 8.6.
-ONNX_OPSET = 18
 # fp32 re-association (onnxruntime fuses conv+BN and picks other conv/GEMM kernels) moves logits by ~1e-7..1e-5 of
 # their scale over these 50-100 layer nets; an export bug (training-mode BN, wrong padding or attention scale) moves
 # them by a sizeable fraction of it. 1e-3 of the largest |logit| sits two orders of magnitude from both.
 ONNX_REL_TOL = 1e-3
 # The ONNX check is about operator semantics, not statistics: a few dozen images suffice and bound the CPU time.
 CHECK_IMAGES = 32
-ONNX_INPUT = "image"
-ONNX_OUTPUT = "logits"
-
-DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 # Describe timm's own pretrained weights, which the exported weights are not.
 SOURCE_WEIGHT_KEYS = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The export cannot be made or failed a check; the message says what to do."""
 
 
@@ -107,8 +113,6 @@ def export_model(
         metrics["size_mb"] = {"safetensors": (stage / WEIGHTS_FILE).stat().st_size / 1e6,
                               "onnx": (stage / ONNX_FILE).stat().st_size / 1e6}
         if latency:
-            from train.export.latency import latency_context, onnx_latencies
-
             metrics["latency_ms"] = onnx_latencies(stage / ONNX_FILE, metrics["img_size"])
             metrics["latency_context"] = latency_context()
         metrics.update(record or {})
@@ -118,29 +122,6 @@ def export_model(
              metrics["top1"], metrics["top5"], metrics["val_images"], onnx_diff)
     return ExportReport(out_dir=out_dir, files=files, metrics=metrics, reload_max_abs_diff=reload_diff,
                         logit_scale=scale, onnx_bound=ONNX_REL_TOL * scale)
-
-
-def load_exported(export_dir: str | os.PathLike) -> nn.Module:
-    """The model of an export dir, rebuilt the way a user would: timm + the dir's config.json and weights."""
-    import timm
-
-    export_dir = Path(export_dir)
-    config = json.loads((export_dir / CONFIG_FILE).read_text())
-    architecture, num_classes = config["architecture"], config["num_classes"]
-    _ensure_registered(architecture)
-    # The whole exported pretrained_cfg rides along, so the rebuilt model resolves our preprocessing, not timm's.
-    overlay = dict(config["pretrained_cfg"], file=str(export_dir / WEIGHTS_FILE), num_classes=num_classes)
-    kwargs = dict(config.get("model_args", {}), num_classes=num_classes)
-    return timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float, the same arithmetic as training: /255 then (x - mean) / std."""
-    if images.dtype != torch.uint8:
-        raise ExportError(f"images must be uint8 [B,3,H,W] as the loaders make them, got {images.dtype}")
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255 - mean_t) / std_t
 
 
 def evaluate(
@@ -171,31 +152,15 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> None:
     """torch.onnx (dynamo) export with a dynamic batch axis, weights inside the one file."""
     # torch.export specialises a size-1 dim to a constant, so trace with two images to keep the batch axis free.
     sample = example[:2] if example.size(0) >= 2 else example.expand(2, -1, -1, -1).contiguous()
-    with _quiet("onnxscript", "onnx_ir"):
+    with quiet_onnx_exporter():
         program = torch.onnx.export(model, (sample,), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
                                     opset_version=ONNX_OPSET, dynamic_shapes=({0: "batch"},), dynamo=True,
                                     verbose=False)
         program.save(str(path), external_data=False)
 
 
-@contextlib.contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    """Keep the exporter's per-pass INFO chatter (hundreds of lines) out of training logs."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def check_onnx(path: Path, model: nn.Module, x: torch.Tensor) -> float:
     """Max |logit| difference between onnxruntime and PyTorch on `x`; raises past ONNX_REL_TOL of the logit scale."""
-    import onnxruntime as ort
-
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(x.numpy())})[0]
     with torch.inference_mode():
@@ -244,8 +209,6 @@ def _check_image_size(images: torch.Tensor, data_config: Mapping[str, Any]) -> N
 
 
 def _write_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # `format: pt` is what Hugging Face loaders look for in safetensors metadata.
     save_file(state, str(path), metadata={"format": "pt"})
@@ -255,8 +218,6 @@ def _write_config(
     model: nn.Module, path: Path, architecture: str, label_names: Sequence[str], data_config: Mapping[str, Any]
 ) -> dict[str, Any]:
     """timm's own config.json, with the preprocessing taken from `data_config` and nothing of timm's weights."""
-    from timm.models._hub import save_config_for_hf
-
     preprocessing = {k: _plain(data_config[k]) for k in (*DATA_CONFIG_KEYS, "crop_mode") if k in data_config}
     # Older timm (< 1.0.31) takes neither `data_config` nor a str path: the preprocessing is set just below.
     save_config_for_hf(model, Path(path), model_config={"label_names": list(label_names)})
@@ -273,7 +234,7 @@ def _write_config(
 def _rebuild(stage: Path, architecture: str) -> nn.Module:
     try:
         return load_exported(stage)
-    except RuntimeError as e:
+    except (RuntimeError, LoadError) as e:
         raise ExportError(f"timm cannot rebuild {architecture} from the exported files ({e}); pass the plain timm "
                           f"network, not a wrapped (QAT, compiled) one, under its own timm name") from None
 
@@ -316,13 +277,3 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
-
-
-def _ensure_registered(architecture: str) -> None:
-    import timm
-
-    if not timm.is_model(architecture):
-        # Variants timm lacks are registered with timm by importing our model module.
-        import train.models  # noqa: F401
-    if not timm.is_model(architecture):
-        raise ExportError(f"unknown model {architecture!r}: neither timm nor train.models registers it")

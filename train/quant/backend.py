@@ -1,28 +1,32 @@
 """The int8 quantizer, behind one function: ExecuTorch's XNNPACK quantizer today (torchao's PT2E flow).
 
-Per-channel symmetric int8 weights, per-tensor int8 activations, QAT observers (recipes.md §5c, §9). `weight_bits=7`
+Per-channel symmetric int8 weights, per-tensor int8 activations, QAT observers (ExecuTorch's XNNPACKQuantizer,
+`get_symmetric_quantization_config(is_per_channel=True, is_qat=True)`). `weight_bits=7`
 restricts weights to [-63, 63]: onnxruntime on x86 CPUs without VNNI computes int8 x int8 as uint8 x int8 and can
 overflow with full-range weights, so its results drift from the PyTorch int8 model; 7-bit weights keep it in line.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import platform
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from data_pipes.errors import UserError
+from train.quant.patterns import cache_pattern_graphs
+
 INSTALL_HINT = "pip install 'mobilenet-train[int8]'  (torchao, executorch, onnxruntime)"
 
 
-class QuantError(RuntimeError):
+class QuantError(UserError, RuntimeError):
     """Quantization cannot proceed; the message says why and what to do."""
 
 
 def require(module: str) -> Any:
     """Import an optional int8 dependency, or stop with the extra to install."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -32,7 +36,7 @@ def require(module: str) -> Any:
 @cache
 def onnxruntime_int8_overflows(cpuinfo: Path = Path("/proc/cpuinfo"), machine: str | None = None) -> bool:
     """True on an x86 CPU without VNNI (AVX512-VNNI or AVX-VNNI), where onnxruntime's fused int8 kernels compute
-    int8 x int8 as uint8 x int8 and overflow with full-range 8-bit weights (recipes.md §9: top-1 agreement with the
+    int8 x int8 as uint8 x int8 and overflow with full-range 8-bit weights (measured: top-1 agreement with the
     PyTorch int8 model 79-85 % there, 94 % with 7-bit weights). Other architectures, and x86 hosts whose CPU flags
     cannot be read (no /proc/cpuinfo), count as not affected."""
     if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i386", "i686"):
@@ -72,15 +76,11 @@ def quantizer(backend: str, *, weight_bits: int, qat: bool, ptq_observer: str | 
         raise QuantError(f"quant.ptq_observer={ptq_observer!r}: choose one of {', '.join(PTQ_OBSERVERS)}")
     xnn = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
     require("torchao.quantization.pt2e.quantize_pt2e")
-    from train.quant.patterns import cache_pattern_graphs
-
     cache_pattern_graphs()  # after both are imported: they hold the exporter under its own name
     limit = 2 ** (weight_bits - 1) - 1
     config = xnn.get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, weight_qmin=-limit,
                                                    weight_qmax=limit)
     if ptq_observer is not None and not qat:
-        import dataclasses
-
         observers = require("torchao.quantization.pt2e.observer")
         ctr = getattr(observers, PTQ_OBSERVERS[ptq_observer]).with_args(eps=2**-12)  # XNNPACK's eps
         config = dataclasses.replace(config, **{

@@ -1,7 +1,7 @@
 """int8 deployment: convert the fake-quant network, write `model_int8.pte` (ExecuTorch, XNNPACK) and
 `model_int8.onnx` (QDQ, onnxruntime), and measure each file **in its own runtime** on the validation images.
 
-What is measured (recipes.md §9): top-1/top-5 of the converted PyTorch int8 model and of each runtime, each
+What is measured: top-1/top-5 of the converted PyTorch int8 model and of each runtime, each
 runtime's top-1 agreement with the PyTorch int8 model and its max |logit difference|, file sizes, and batch-1 CPU
 latency per image of the float and int8 model in each runtime. A runtime whose agreement falls below its threshold
 is reported as a failure (`Int8Report.failures`), never silently.
@@ -26,12 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.export import Dim
 
+from train.nets.files import INT8_ONNX_FILE, INT8_PTE_FILE, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, quiet_onnx_exporter
+from train.nets.latency import onnx_latencies
+from train.nets.normalize import normalize
 from train.quant.backend import QuantError, onnx_weight_bits_hint, require
 from train.quant.network import drop_batch_counters
 
 log = logging.getLogger(__name__)
-PTE_FILE, ONNX_FILE = "model_int8.pte", "model_int8.onnx"
+PTE_FILE, ONNX_FILE = INT8_PTE_FILE, INT8_ONNX_FILE
 ONNX_MAX_BATCH = 1024
 
 
@@ -79,8 +83,6 @@ def _outside_delegate(lowered) -> dict[str, int]:
 
 
 def _program(model: nn.Module, img_size: int, dynamic: bool):
-    from torch.export import Dim
-
     x = torch.randn(2, 3, img_size, img_size)
     shapes = ({0: Dim("batch", min=1, max=ONNX_MAX_BATCH)},) if dynamic else None
     return torch.export.export(model, (x if dynamic else x[:1],), dynamic_shapes=shapes)
@@ -115,9 +117,7 @@ def write_pte(model: nn.Module, path: Path, img_size: int) -> PteFile:
 
 def write_onnx(model: nn.Module, path: Path, img_size: int) -> None:
     """QDQ ONNX (QuantizeLinear/DequantizeLinear around int8 weights), dynamic batch, one file."""
-    from train.export.artifacts import ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, _quiet
-
-    with _quiet("onnxscript", "onnx_ir"):
+    with quiet_onnx_exporter():
         program = torch.onnx.export(model, (torch.randn(2, 3, img_size, img_size),), input_names=[ONNX_INPUT],
                                     output_names=[ONNX_OUTPUT], opset_version=ONNX_OPSET,
                                     dynamic_shapes=({0: "batch"},), dynamo=True, verbose=False)
@@ -159,8 +159,6 @@ class OnnxRunner:
 
     def __init__(self, path: Path) -> None:
         ort = require("onnxruntime")
-        from train.export.artifacts import ONNX_INPUT, ONNX_OUTPUT
-
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.input, self.output = ONNX_INPUT, ONNX_OUTPUT
 
@@ -195,8 +193,6 @@ def measure(models: Mapping[str, Callable[[Tensor], Tensor]], reference: str, ba
             *, mean: Sequence[float], std: Sequence[float], num_classes: int) -> dict[str, dict[str, float]]:
     """Top-1/top-5 of every model over the valid images, and each one's top-1 agreement and max |logit
     difference| against `reference`, in one pass over the batches (every model sees the same pixels)."""
-    from train.export.artifacts import normalize
-
     k = min(5, num_classes)
     stats = {name: {"hits1": 0, "hits5": 0, "agree": 0, "max_diff": 0.0} for name in models}
     seen = 0
@@ -277,8 +273,6 @@ def _latencies(float_model: nn.Module, converted: nn.Module, runners: Mapping[st
                onnx_path: Path) -> dict[str, float]:
     """Batch-1 CPU ms per image: int8 in onnxruntime (1 thread and all cores, as the float export measures its ONNX
     file), int8 and float in ExecuTorch (a float program lowered here just to time it) and in PyTorch."""
-    from train.export.latency import onnx_latencies
-
     out = {**onnx_latencies(onnx_path, img_size, prefix="int8_"), "int8_pte": latency_ms(runners["pte"], img_size),
            "float_torch": latency_ms(float_model, img_size), "int8_torch": latency_ms(converted, img_size)}
     with tempfile.TemporaryDirectory() as tmp:

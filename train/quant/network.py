@@ -1,7 +1,7 @@
 """The fake-quantized network: a timm model exported (dynamic batch), prepared for QAT, and made to behave like an
 ordinary trainable nn.Module inside Lightning.
 
-The exported graph has none of nn.Module's train/eval behaviour, so this wrapper owns it (recipes.md §5d, §9):
+The exported graph has none of nn.Module's train/eval behaviour, so this wrapper owns it (pytorch/pytorch#151726):
 - `train(mode)` switches dropout and batch norm with torchao's `move_exported_model_to_train/eval`, then puts back
   what those helpers get wrong: every dropout's own p (they reset it to 0.5), the BN freeze, and the observers,
   which keep moving in eval unless disabled (so any evaluation, Lightning's included, leaves the scales alone).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.export import Dim
 
 from train.quant.backend import QuantError, require
 
@@ -113,7 +114,7 @@ def _follow_loaded_flags(net: FakeQuantNetwork, _incompatible_keys) -> None:
 
 def drop_batch_counters(graph: torch.fx.GraphModule) -> None:
     """Erase the graph's `num_batches_tracked += 1` ops: nothing reads the counter (every BN has a momentum), yet
-    they would change the state in eval and run outside XNNPACK in a .pte (recipes.md §9)."""
+    they would change the state in eval and run outside XNNPACK in a .pte."""
     for node in list(graph.graph.nodes):
         target = node.args[0] if node.op == "call_function" and node.args else None
         if (str(node.target).startswith("aten.add_") and getattr(target, "op", None) == "get_attr"
@@ -124,8 +125,6 @@ def drop_batch_counters(graph: torch.fx.GraphModule) -> None:
 
 
 def export_graph(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
-    from torch.export import Dim
-
     try:
         program = torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
     except Exception as e:  # noqa: BLE001 - say which model could not be traced, and why

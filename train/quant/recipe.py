@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,21 @@ import lightning as L
 import torch
 from torch import nn
 
+from train.nets.files import METRICS_FILE
+from train.nets.load import LoadError, Settings, load_network
+from train.nets.normalize import normalize
+from train.nets.registry import create_model
 from train.quant.backend import QuantError, quantizer, require
+from train.quant.deploy import ONNX_FILE, PTE_FILE, deploy
 from train.quant.network import FakeQuantNetwork, export_graph
 
 log = logging.getLogger(__name__)
 
 
-def load_float(init_from: str | None, *, name: str, label_names: Sequence[str]) -> dict:
+INIT_FROM = Settings("init_from", weights="init_from", labels="init_from")
+
+
+def load_float(init_from: str | None, *, name: str, label_names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The float weights of `init_from` for `name` with these classes (an export dir or a checkpoint of ours)."""
     if not init_from:
         raise QuantError("qat=true fine-tunes a trained float model: set init_from=<run>/export or a checkpoint "
@@ -35,33 +45,19 @@ def load_float(init_from: str | None, *, name: str, label_names: Sequence[str]) 
     path = Path(str(init_from)).expanduser()
     if not path.exists():
         raise QuantError(f"init_from={path} does not exist: give an export directory or a checkpoint of ours")
-    if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise QuantError(f"init_from={path} is a directory without config.json: give an export directory "
-                             f"(<run>/export) or a checkpoint")
-        config = json.loads(config_file.read_text())
-        architecture, labels = config["architecture"], list(config.get("label_names") or [])
-        from safetensors.torch import load_file
-
-        state = load_file(str(path / "model.safetensors"))
-    else:
-        from train.export.checkpoint import load_checkpoint, network_state
-
-        ckpt = load_checkpoint(path)
-        architecture, labels = ckpt["run_config"]["model"]["name"], list(ckpt["dataset"]["label_names"])
-        if ckpt["run_config"].get("qat"):
-            raise QuantError(f"init_from={path} is a QAT checkpoint: resume it with ckpt_path=..., or start QAT from "
-                             f"its float export")
-        state = network_state(ckpt["state_dict"])
-    if architecture != name:
-        raise QuantError(f"init_from={path} holds {architecture}, but this run's model is {name}: pick the model= "
-                         f"it was trained as, or another init_from")
-    if labels and list(labels) != list(label_names):
+    try:
+        trained = load_network(path, settings=INIT_FROM)
+    except LoadError as e:
+        raise QuantError(str(e)) from None
+    if trained.architecture != name:
+        raise QuantError(f"init_from={path} holds {trained.architecture}, but this run's model is {name}: pick the "
+                         f"model= it was trained as, or another init_from")
+    labels = list(trained.label_names)
+    if labels and labels != list(label_names):
         raise QuantError(f"init_from={path} was trained on {len(labels)} classes ({', '.join(labels[:3])}, ...), "
                          f"this data has {len(label_names)} ({', '.join(list(label_names)[:3])}, ...): QAT needs "
                          f"the float model's own classes")
-    return state
+    return trained.model.state_dict()
 
 
 def build_network(model: nn.Module, *, init_from: str | None, name: str, label_names: Sequence[str], img_size: int,
@@ -73,8 +69,25 @@ def build_network(model: nn.Module, *, init_from: str | None, name: str, label_n
     except RuntimeError as e:
         raise QuantError(f"init_from={init_from}: its weights do not fit {name} with {len(label_names)} classes: "
                          f"{str(e)[:400]}") from None
-    q = quantizer(str(quant["backend"]), weight_bits=int(quant["weight_bits"]), qat=True)
-    return FakeQuantNetwork(model, img_size=img_size, quantizer=q)
+    return FakeQuantNetwork(model, img_size=img_size, quantizer=qat_quantizer(quant))
+
+
+def qat_quantizer(quant: Mapping[str, Any]):
+    """The QAT quantizer of the `quant` settings."""
+    return quantizer(str(quant["backend"]), weight_bits=int(quant["weight_bits"]), qat=True)
+
+
+def restore_network(name: str, num_classes: int, img_size: int, quant: Mapping[str, Any],
+                    state: Mapping[str, torch.Tensor]) -> FakeQuantNetwork:
+    """The fake-quant network of a QAT checkpoint (`state`: its network's weights, observers and freeze flags)."""
+    net = FakeQuantNetwork(create_model(name, num_classes=num_classes), img_size=img_size,
+                           quantizer=qat_quantizer(quant))
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise QuantError(f"the QAT checkpoint does not fit a fresh {name} fake-quant network: {str(e)[:400]}") \
+            from None
+    return net.eval()
 
 
 class QATSchedule(L.Callback):
@@ -97,8 +110,6 @@ class QATSchedule(L.Callback):
 
 def float_model(net: FakeQuantNetwork, name: str, num_classes: int) -> nn.Module:
     """The float network with the fine-tuned weights (for the float export next to the int8 files)."""
-    from train.models import create_model
-
     model = create_model(name, num_classes=num_classes)
     model.load_state_dict(net.float_state_dict(), strict=True)
     return model.eval()
@@ -109,10 +120,6 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
                 min_agreement: Mapping[str, float], max_top1_drop: float, latency: bool):
     """model_int8.pte / model_int8.onnx into `export_dir` (beside the float export) and their measurements merged
     into its metrics.json; returns the `Int8Report`."""
-    import tempfile
-
-    from train.quant.deploy import ONNX_FILE, PTE_FILE, deploy
-
     export_dir = Path(export_dir)
     with tempfile.TemporaryDirectory(dir=export_dir.parent, prefix=".int8-") as stage:
         stage = Path(stage)
@@ -121,7 +128,7 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
         report = deploy(net.graph, fake_quant, float_net.cpu(), stage, batches, img_size=img_size, mean=mean,
                         std=std, num_classes=num_classes, min_agreement=min_agreement, max_top1_drop=max_top1_drop,
                         latency=latency)
-        metrics_file = export_dir / "metrics.json"
+        metrics_file = export_dir / METRICS_FILE
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         for key, value in report.metrics.items():  # nested figures (sizes, latencies) join the float export's
             metrics[key] = {**metrics[key], **value} if isinstance(value, dict) and isinstance(metrics.get(key),
@@ -129,7 +136,7 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
         metrics["int8_failures"] = report.failures
         for name in (PTE_FILE, ONNX_FILE):
             (stage / name).replace(export_dir / name)
-        tmp = export_dir / ".metrics.json.tmp"
+        tmp = export_dir / f".{METRICS_FILE}.tmp"
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         tmp.replace(metrics_file)
     m = report.metrics
@@ -153,10 +160,6 @@ class PTQNetwork(nn.Module):
 
     def calibrate(self, batches: Iterable, *, mean: Sequence[float], std: Sequence[float], limit: int) -> int:
         """Run up to `limit` batches through the observers; returns the images seen."""
-        from itertools import islice
-
-        from train.export.artifacts import normalize
-
         seen = used = 0
         with torch.inference_mode():
             for batch in islice(batches, limit):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from train.axes import EPOCH, IMAGES_SEEN
+from train.tracking.axes import EPOCH, IMAGES_SEEN
 
 AXES = ("step", EPOCH, IMAGES_SEEN)  # in every row: they say where a row is, not what it logged
 
@@ -147,8 +148,6 @@ def build_loggers(
 def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of `run_dir`: made on its first start and kept in `<run_dir>/wandb_run_id` (written
     atomically, so ranks starting together agree on whichever landed first)."""
-    import secrets
-
     path = Path(run_dir) / "wandb_run_id"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

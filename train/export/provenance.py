@@ -1,4 +1,7 @@
-"""What a run was made from, recorded in every run (W&B config, `metrics.json` of its export, `summary.json`).
+"""What a run (and so what it ships) was made from: in its checkpoints, so every export of it carries it too.
+
+Recorded in the W&B config, the checkpoints, `summary.json` and the export's `metrics.json` (a re-export adds its own
+command and code under the run's, as `trained`).
 
 The code (git commit and whether the tree had uncommitted changes), the command line, the library versions the
 numbers depend on, the shard set (its root and a hash of its `_info.json`), and for distillation the teacher and the
@@ -17,7 +20,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+import lightning
+import timm
+import torch
+
+from data_pipes.shards.metadata import info_sha256
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @cache
@@ -41,10 +50,6 @@ def git_state(repo: Path = REPO) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str | None]:
-    import lightning
-    import timm
-    import torch
-
     found = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
              "lightning": lightning.__version__, "cuda": torch.version.cuda,
              "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
@@ -65,8 +70,6 @@ def command_line() -> str:
 
 def run_provenance(data_root: str | os.PathLike, kd: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything above, as plain JSON values. `kd`: the distillation record (teacher and kd sets identities)."""
-    from data_pipes.shards.metadata import info_sha256
-
     record: dict[str, Any] = {"git": git_state(), "command": command_line(), "versions": versions(),
                               "data": {"root": str(data_root), "info_sha256": info_sha256(data_root)}}
     if kd:

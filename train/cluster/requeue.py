@@ -8,7 +8,7 @@ a validation), the ranks agree (a sum over ranks: one rank signalled is enough),
      scheduler, EMA, data position, every rank's RNG states, best metrics, bad-sample counters);
   2. the loggers get the batch's row and are flushed, and the W&B run is marked preempting and finished: a
      requeue's SIGTERM would otherwise kill W&B's service with everything logged in this segment
-     (../shared/research/slurm.md);
+     (seen with wandb 0.31 offline under Slurm 22.05: that segment's .wandb file kept only its 7-byte header);
   3. under Slurm the job is requeued, keeping its id, so the next start finds the same run directory and resumes
      from `last.ckpt` by itself (`ckpt_path=auto`). If a launcher owned the signal before the run (submitit, under
      the Hydra SLURM launcher), its own handler does the requeue (it also resubmits its pickled job and exits);
@@ -42,7 +42,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 
 from train.callbacks import validation_follows
-from train.tracking import close_loggers
+from train.tracking.loggers import close_loggers
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Batch-1 CPU latency of an exported ONNX file in onnxruntime: what a user compares deployments by.
+"""Batch-1 CPU latency of a network file in its runtime (onnxruntime here): what a user compares deployments by.
 
 Measured on one thread (a phone core, a busy server's share) and on all of the machine's cores (onnxruntime's
 default intra-op pool), each the median over repeated runs after a warm-up, on a random image of the trained
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from data_pipes.shards.make import default_workers  # the CPUs this process may use
 
@@ -35,8 +36,6 @@ def cpu_name() -> str:
 def onnx_latency_ms(path: str | os.PathLike, img_size: int, *, threads: int, repeats: int = REPEATS) -> float:
     """Median ms of one batch-1 run of the ONNX file at `threads` intra-op threads (0: onnxruntime's default, all
     cores)."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

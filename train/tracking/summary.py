@@ -20,8 +20,8 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from train.axes import EPOCH, IMAGES_SEEN, RunClock
-from train.tracking import record_summary
+from train.tracking.axes import EPOCH, IMAGES_SEEN, RunClock
+from train.tracking.loggers import record_summary
 
 SUMMARY_FILE = "summary.json"
 FORMAT = "mobilenet-train/summary-v1"

@@ -20,8 +20,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import wandb
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from distill.kdset import MANIFEST
+from train.nets.files import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,6 @@ def _add_files(artifact: Any, directory: Path) -> None:
 @rank_zero_only
 def log_export(loggers: Sequence[Logger], export_dir: Path, *, metadata: Mapping[str, Any], best: bool) -> None:
     """The export directory as this run's `model` artifact (see the module docstring)."""
-    import wandb
-
     name = export_artifact_name(Path(export_dir).parent)
     for run in _runs(loggers):
         artifact = wandb.Artifact(name or f"export-{run.id}", type="model", metadata=dict(metadata),
@@ -58,26 +60,24 @@ def log_export(loggers: Sequence[Logger], export_dir: Path, *, metadata: Mapping
 def use_inputs(loggers: Sequence[Logger], *, teacher: Mapping[str, Any] | None,
                kd_sets: str | None, kd_identity: Mapping[str, Any] | None) -> None:
     """Declare the teacher and the kd sets a distillation run learns from as its input artifacts."""
-    import wandb
-
     for run in _runs(loggers):
         if teacher:
-            _use(run, _teacher_artifact(wandb, teacher))
+            _use(run, _teacher_artifact(teacher))
         if kd_sets:
             sets = Path(kd_sets).resolve()
             digest = (kd_identity or {}).get("manifest_sha256")
             artifact = wandb.Artifact(f"kd-sets-{digest or sets.name}", type="dataset",
                                       metadata=dict(kd_identity or {}))
-            if (sets / "manifest.json").is_file():
-                artifact.add_file(str(sets / "manifest.json"), name="manifest.json", policy="immutable")
+            if (sets / MANIFEST).is_file():
+                artifact.add_file(str(sets / MANIFEST), name=MANIFEST, policy="immutable")
             artifact.add_reference(sets.as_uri(), name="sets", checksum=False)  # can be terabytes: the path only
             _use(run, artifact)
 
 
-def _teacher_artifact(wandb: Any, teacher: Mapping[str, Any]) -> Any:
+def _teacher_artifact(teacher: Mapping[str, Any]) -> Any:
     source = Path(str(teacher["source"]))
     metadata = {k: v for k, v in teacher.items() if isinstance(v, (str, int, float, bool)) or v is None}
-    if source.is_dir() and (source / "config.json").is_file():  # an export dir of ours
+    if source.is_dir() and (source / CONFIG_FILE).is_file():  # an export dir of ours
         artifact = wandb.Artifact(export_artifact_name(source.parent) or f"teacher-{teacher['weights_sha256'][:16]}",
                                   type="model", metadata=metadata)
         _add_files(artifact, source)
