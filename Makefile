@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh machine:
 #   make demo   installs into .venv, then trains a small MobileNet on a generated dataset and exports it
-#   make test   installs into .venv (with test tools), then runs lint and the test suite
+#   make test   installs into .venv (with test tools), then runs lint and the whole test suite (what CI runs)
+#   make test-fast   the same without the `slow` tests (end-to-end runs, DDP, benches): the development loop
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 # ExecuTorch lowering, Hydra); each module stays in one worker, so its fixtures are built once.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +31,9 @@ lint: install
 
 test: install lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+
+test-fast: install lint
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -16,6 +16,7 @@ def last_line(text: str) -> str:
     return [line for line in text.splitlines() if line.strip()][-1]
 
 
+@pytest.mark.slow
 def test_train_step_runs_pipeline_and_plain_loop_and_prints_the_ratio_last(synthetic_folder, tmp_path, capsys):
     from bench.train_step import main
 
@@ -29,6 +30,7 @@ def test_train_step_runs_pipeline_and_plain_loop_and_prints_the_ratio_last(synth
     assert re.fullmatch(rf"ratio \(pipeline / plain loop\): {RATIO}", last_line(out)), out
 
 
+@pytest.mark.slow
 def test_loader_runs_ours_and_both_timm_variants_and_prints_the_ratio_last(synthetic_folder, tmp_path, capsys):
     from bench.loader import main
 
@@ -46,6 +48,7 @@ def test_loader_runs_ours_and_both_timm_variants_and_prints_the_ratio_last(synth
                         rf"\({RATIO} full decode\)", last_line(out)), out
 
 
+@pytest.mark.slow
 def test_distill_bench_builds_both_storages_times_three_loaders_and_prints_the_ratios_last(
         synthetic_folder, trained_teacher, tmp_path, capsys):
     from bench.distill import main
@@ -68,6 +71,7 @@ def test_distill_bench_builds_both_storages_times_three_loaders_and_prints_the_r
     assert re.fullmatch(rf"ratio \(vs labels-only loader\): {RATIO} replay, {RATIO} pixels", last_line(out)), out
 
 
+@pytest.mark.slow
 def test_eval_decode_bench_measures_a_trained_model_on_standard_and_reduced_pixels(synthetic_folder,
                                                                                   trained_teacher, tmp_path, capsys):
     from bench.eval_decode import main

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +52,7 @@ def test_misspelt_override_is_a_clear_hydra_error(tmp_path):
     assert_clean_failure(run_train("trainer.max_epoch=3", cwd=tmp_path), "max_epoch")
 
 
+@pytest.mark.slow
 def test_qat_without_a_float_model_or_with_another_architecture_says_what_init_from_is(tmp_path, synthetic_shards,
                                                                                        trained_teacher):
     out = assert_clean_failure(run_train("qat=true", f"data.root={synthetic_shards}", cwd=tmp_path),
@@ -72,6 +75,7 @@ def test_qat_without_a_float_model_or_with_another_architecture_says_what_init_f
                                    cwd=tmp_path), "was trained on 10 classes", "this data has 4")
 
 
+@pytest.mark.slow
 def test_a_float_run_never_imports_the_int8_runtimes(tmp_path, synthetic_shards):
     # A whole `python -m train` (train, validate, export with its onnxruntime check) without qat=true: torchao and
     # ExecuTorch (the int8 extra) are never imported, so a user without them loses nothing.
@@ -88,6 +92,7 @@ def test_a_float_run_never_imports_the_int8_runtimes(tmp_path, synthetic_shards)
     assert "INT8 MODULES []" in result.stdout, result.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_distill_without_a_teacher_or_with_a_missing_one_says_what_a_teacher_is(tmp_path, synthetic_shards):
     assert_clean_failure(run_train("distill=true", f"data.root={synthetic_shards}", cwd=tmp_path),
                          "kd.teacher=<export dir | checkpoint | timm name>")

@@ -53,6 +53,7 @@ def val_axes(run_dir: Path) -> list[tuple[float, float]]:
     return [(row["epoch"], row["images_seen"]) for row in history(wandb_log(run_dir)) if "val/acc1" in row]
 
 
+@pytest.mark.slow
 def test_runs_with_different_batch_sizes_line_up_by_epoch_and_images_seen_in_wandb_and_csv(runs):
     # 200 train images: 20 steps an epoch at batch 10, 10 at batch 20; the same epochs and images at each validation
     assert val_axes(runs["b10"]) == val_axes(runs["b20"]) == [(1, 200), (2, 400)]
@@ -63,8 +64,8 @@ def test_runs_with_different_batch_sizes_line_up_by_epoch_and_images_seen_in_wan
     assert declared["val/*"] == "epoch" and "epoch" in declared and "images_seen" in declared
 
 
+@pytest.mark.slow
 def test_each_run_carries_its_provenance_in_wandb_the_export_and_its_summary(runs, synthetic_shards):
-
     config = run_config(wandb_log(runs["b10"]))
     shipped = json.loads((runs["b10"] / "export" / "metrics.json").read_text())
     summary = json.loads((runs["b10"] / "summary.json").read_text())
@@ -78,6 +79,7 @@ def test_each_run_carries_its_provenance_in_wandb_the_export_and_its_summary(run
     assert kd["teacher"]["source"] == str(runs["b10"] / "export") and kd["sets"] is None  # online: no kd sets
 
 
+@pytest.mark.slow
 def test_the_summary_is_the_comparison_row_in_summary_json_and_in_wandb(runs):
     summary = json.loads((runs["b10"] / "summary.json").read_text())["summary"]
     shipped = json.loads((runs["b10"] / "export" / "metrics.json").read_text())
@@ -102,6 +104,7 @@ def test_the_summary_is_the_comparison_row_in_summary_json_and_in_wandb(runs):
         assert final[key] == summary[key], key  # the same reading, not two close ones
 
 
+@pytest.mark.slow
 def test_the_export_is_a_wandb_model_artifact_and_a_distilled_run_names_its_teacher_export_as_input(runs):
     run_id = (runs["b10"] / "wandb_run_id").read_text().strip()
     (export,) = [a for a in artifacts(wandb_log(runs["b10"])) if not a["input"]]
@@ -116,8 +119,8 @@ def test_the_export_is_a_wandb_model_artifact_and_a_distilled_run_names_its_teac
     assert (teacher["name"], teacher["type"], teacher["digest"]) == (export["name"], "model", export["digest"])
 
 
+@pytest.mark.slow
 def test_compare_prints_the_table_and_writes_charts_with_a_point_per_run_and_paper_model(runs, tmp_path, capsys):
-
     assert main([str(runs["b10"]), str(runs["b20"]), str(runs["kd"]), "--out", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("| run | model | recipe | kd |") and len(table) == 2 + 3
@@ -143,8 +146,8 @@ def test_compare_prints_the_table_and_writes_charts_with_a_point_per_run_and_pap
     assert len(json.loads(capsys.readouterr().out)) == 3
 
 
+@pytest.mark.slow
 def test_compare_refuses_a_directory_that_is_not_a_run(tmp_path, runs, capsys):
-
     assert main([str(tmp_path)]) == 2
     assert f"{tmp_path} is not a run directory (no summary.json)" in capsys.readouterr().err
     assert main([str(runs["b10"].parent)]) == 2  # a folder of runs: say how to name them
@@ -166,7 +169,6 @@ class WandbRun:
 
 
 def test_compare_reads_a_wandb_runs_summary_config_and_history_the_way_it_reads_a_run_dir():
-
     run = from_wandb_run(WandbRun())
     assert (run.name, run.top1, run.paper["top1"]) == ("mnv4_conv_s-paper-kd", 71.5, 73.8)
     assert run.curve == [{"epoch": 1.0, "images_seen": 1e6, "val/acc1": 30.0}] and "_runtime" not in run.summary

@@ -14,6 +14,7 @@ from shard_fixtures import sample_key, write_shards
 
 pytestmark = [
     pytest.mark.ddp,
+    pytest.mark.slow,  # two processes of a real DDP run
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
     pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined"),
     pytest.mark.filterwarnings("ignore:The dirpath has changed"),  # the in-process validation's own dir

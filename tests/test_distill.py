@@ -125,7 +125,6 @@ class _Labels:
         self.reader = SourceReader([("unused", np.arange(n))])
 
     def render(self, items):
-
         return [Rendered(np.full((4, 4, 3), it.member % 256, np.uint8), it.member, f"{it.source}:{it.member}")
                 for it in items]
 
@@ -200,7 +199,6 @@ def test_a_killed_build_resumes_and_ends_identical_to_an_uninterrupted_one(tmp_p
     build(synthetic_shards, teacher, sets, stop_after=3)
     assert not (sets / "manifest.json").exists()
     with pytest.raises(KDSetError, match="partly built"):
-
         cfg = compose_run(*kd_overrides(synthetic_shards, teacher, sets))
         kd = OmegaConf.to_container(cfg.kd, resolve=True)
         info = read_info(synthetic_shards)
@@ -214,7 +212,6 @@ def test_a_killed_build_resumes_and_ends_identical_to_an_uninterrupted_one(tmp_p
 
 def test_training_refuses_sets_built_for_another_recipe_or_with_other_pixels(tmp_path, built, synthetic_shards,
                                                                             teacher):
-
     with pytest.raises(KDSetError, match="recipe"):
         train(compose_run(*kd_overrides(synthetic_shards, teacher, built, "kd.jpeg_quality=80", "distill=true",
                                         f"run_dir={tmp_path / 'a'}")))
@@ -230,7 +227,6 @@ def test_training_refuses_sets_built_for_another_recipe_or_with_other_pixels(tmp
 
 
 def test_replay_reproduces_the_pixels_the_teacher_labelled(built, synthetic_shards, teacher):
-
     cfg = compose_run(*kd_overrides(synthetic_shards, teacher, built))
     kd = OmegaConf.to_container(cfg.kd, resolve=True)
     info = read_info(synthetic_shards)
@@ -257,7 +253,6 @@ def teacher_state(export: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["offline", "online", "logit", "offline_d3", "online_d3"])
 def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mode, tmp_path, request,
                                                                               synthetic_shards, teacher):
-
     d3 = [f"kd.extra_root={synthetic_shards}", *D3]
     extra = {"offline": [], "online": [], "logit": ["kd=logit"], "offline_d3": d3, "online_d3": d3}[mode]
     sets = {"offline": "built", "offline_d3": "built_d3"}.get(mode)
@@ -289,7 +284,6 @@ def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mo
 
 
 def test_class_balancing_keeps_the_most_confident_and_repeats_rare_classes_up_to_per_class():
-
     rng = np.random.default_rng(0)
     # Deliberately unbalanced: class 0 has 60 confident images, class 1 three, class 2 only unconfident ones,
     # class 3 none at all; one image could not be read (confidence -1).
@@ -357,7 +351,6 @@ def test_d3_refuses_an_empty_extra_source(tmp_path, synthetic_shards, teacher, s
 @pytest.mark.slow
 def test_two_ranks_distil_on_equal_batch_counts_disjoint_samples_and_exact_source_mixes(tmp_path, built,
                                                                                         synthetic_shards, teacher):
-
     out, run_dir = tmp_path / "ranks", tmp_path / "run"
     overrides = [*CPU_RUN, *kd_overrides(synthetic_shards, teacher, built, "distill=true", f"run_dir={run_dir}",
                              "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=8", "data.num_workers=1",

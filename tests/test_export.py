@@ -173,7 +173,6 @@ def test_metrics_count_only_valid_images_and_match_the_known_answer(exported):
 
 
 def test_export_measures_its_size_and_a_repeatable_batch_1_onnxruntime_latency(exported):
-
     metrics = exported.metrics
     assert metrics["size_mb"]["safetensors"] == pytest.approx((exported.out_dir / "model.safetensors").stat().st_size
                                                               / 1e6)

@@ -28,8 +28,8 @@ def _data(seed: int = 0) -> list[dict]:
 def _fit(tmp_path, batches: list[dict], network: nn.Module) -> list[dict]:
     module = ImageClassifier(
         network, num_classes=NUM_CLASSES, mean=MEAN, std=STD, objective=ClassificationObjective(0.0),
-        batch_mixing=NoMixing(), optimizer=optimizer_factory("sgd", lr=0.0), scheduler=scheduler_factory("cosine", 1),
-        updates_per_epoch=lambda: BATCHES, channels_last=False,
+        batch_mixing=NoMixing(), optimizer=optimizer_factory("sgd", lr=0.0, weight_decay=0.0),
+        scheduler=scheduler_factory("cosine", 1), updates_per_epoch=lambda: BATCHES, channels_last=False,
     )
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, log_every_n_steps=2, limit_val_batches=0,
                       logger=CSVLogger(tmp_path, name="", version=""), enable_checkpointing=False,

@@ -77,7 +77,6 @@ def test_a_run_killed_and_resumed_reproduces_the_uninterrupted_runs_weights_with
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2], ids=["slurm_usr1", "submitit_usr2"])
 def test_a_signal_checkpoints_at_the_next_step_and_the_default_ckpt_path_resumes_to_the_uninterrupted_run(
         tmp_path, synthetic_shards, uninterrupted, signum, caplog):
-
     a_dir, a_metrics = uninterrupted
     with pytest.raises(Requeued, match=f"stopped on {signal.Signals(signum).name} at step 6"):
         run(synthetic_shards, tmp_path, callbacks=[SignalAt(5, signum)])  # handled at the end of the next step
@@ -97,7 +96,6 @@ def test_a_signal_checkpoints_at_the_next_step_and_the_default_ckpt_path_resumes
 @pytest.mark.slow
 def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_the_resumed_log_keeps_every_row_once(
         tmp_path, synthetic_shards, uninterrupted):
-
     a_dir, _ = uninterrupted
     # Seen at the end of the epoch's last batch (step 12): the stop waits for the validation that follows; the resumed
     # run then ends the epoch (its epoch-end row) and goes on. The CSV must keep the interrupted segment's last train
@@ -112,7 +110,6 @@ def test_a_signal_in_an_epochs_last_batch_stops_after_its_validation_and_the_res
 @pytest.mark.slow
 def test_a_signalled_run_closes_its_wandb_segment_and_the_restart_continues_the_same_run_id(tmp_path,
                                                                                               synthetic_shards):
-
     wandb_on = ("logger.wandb.enabled=true", "logger.wandb.mode=offline", "trainer.max_epochs=1")
     with pytest.raises(Requeued):
         run(synthetic_shards, tmp_path, *wandb_on, "trainer.log_every_n_steps=1",
@@ -132,7 +129,6 @@ def test_a_signalled_run_closes_its_wandb_segment_and_the_restart_continues_the_
 @pytest.mark.slow
 def test_sigterm_checkpoints_at_the_next_step_and_stops_without_a_requeue_and_auto_resumes_by_hand(
         tmp_path, synthetic_shards, uninterrupted):
-
     a_dir, a_metrics = uninterrupted
     with pytest.raises(Stopped, match="stopped on SIGTERM at step 6.*not requeued") as stopped:
         run(synthetic_shards, tmp_path, callbacks=[SignalAt(5, signal.SIGTERM)])  # what `scancel JOB` sends
@@ -149,7 +145,6 @@ def test_sigterm_checkpoints_at_the_next_step_and_stops_without_a_requeue_and_au
 @pytest.mark.slow
 def test_a_requeue_signal_a_launcher_handled_before_the_run_goes_back_to_that_handler_after_the_checkpoint(
         tmp_path, synthetic_shards):
-
     # submitit installs its USR2 handler before it calls the training function (it requeues and resubmits the
     # pickled job itself); the run checkpoints first, then hands the signal over.
     calls = []

@@ -164,7 +164,6 @@ def test_a_qat_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_weights_an
 @pytest.mark.slow
 def test_train_export_ships_int8_from_a_qat_checkpoint_and_fails_loudly_below_the_agreement_threshold(
         tmp_path, qat_run, capsys):
-
     # The QAT run's checkpoint with an agreement threshold no runtime can reach: the export is written, and says so.
     ckpt = torch.load(qat_run[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ckpt["run_config"]["quant"]["min_agreement"]["pte"] = 101.0
@@ -207,7 +206,6 @@ def test_qat_with_distill_learns_from_the_float_model_of_init_from_by_default(tm
 @pytest.mark.slow
 def test_post_training_quantization_of_a_float_checkpoint_exports_and_measures_int8(tmp_path, float_export,
                                                                                      weight_bits):
-
     # The float model is trained only so far (about 40 % top-1): small logit margins, so the thresholds here are
     # ExecuTorch 70 %, onnxruntime 65 % top-1 agreement with the PyTorch int8 model (set in a copy's run config).
     ckpt = torch.load(float_export.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -34,7 +34,6 @@ def imagenette_slice(root: Path, out: Path, *, train_per_class: int, val_per_cla
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, imagenette_root):
-
     tmp = tmp_path_factory.mktemp("e2e")
     images = imagenette_slice(imagenette_root, tmp / "images", train_per_class=160, val_per_class=40)
     shards = tmp / "shards"
@@ -62,7 +61,6 @@ def test_short_run_on_real_photos_learns_well_above_chance(trained_run):
 @pytest.mark.imagenette
 @pytest.mark.slow
 def test_export_reloads_through_timm_and_onnxruntime_with_matching_logits(trained_run):
-
     import train.nets  # noqa: F401  (registers the MobileNet variants timm lacks)
 
     export = trained_run[0] / "export"

@@ -52,7 +52,7 @@ class ImageClassifier(LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory,
         updates_per_epoch: Callable[[], int],
-        channels_last: bool = True,
+        channels_last: bool,
         macs_per_image: float | None = None,
     ) -> None:
         super().__init__()

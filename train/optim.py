@@ -96,7 +96,7 @@ class SchedulerFactory:
         return scheduler
 
 
-def optimizer_factory(opt: str, lr: float, weight_decay: float = 0.0, *, lr_batch: int | None = None,
+def optimizer_factory(opt: str, lr: float, weight_decay: float, *, lr_batch: int | None = None,
                       lr_scaling: str | None = None, global_batch: Callable[[], int] | None = None,
                       **kwargs: Any) -> OptimizerFactory:
     """The `optim` group's values; with `lr_batch` set, lr follows the run's global batch (`LRScaling`)."""

@@ -127,7 +127,7 @@ def _export(cfg: DictConfig, run_dir: Path, module: ImageClassifier, info: Datas
     """The float export (and the features' files beside it), measured on the run's val split."""
     loader = build_val_loader(info.root, data_config, batch_size=cfg.data.val_batch_size or cfg.data.batch_size,
                               num_workers=export_workers(cfg.data.num_workers),
-                              dct_reduce=cfg.data.eval_dct_reduce)
+                              dct_reduce=cfg.data.eval_dct_reduce, max_bad_fraction=cfg.data.max_bad_fraction)
     device = module.device  # the float export's top-1 is measured where training ran (in fp32), not on the CPU
     trained = module.model.cpu().eval()
     shipped = features.shipped_network(trained, num_classes=info.num_classes)

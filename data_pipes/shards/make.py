@@ -48,6 +48,8 @@ from data_pipes.shards.val_labels import ShardSourceError
 from data_pipes.shards.write import DEFAULT_QUALITY, VALIDATE_MODES, Recode, ShardTask, load_sample, write_shard
 
 DEFAULT_SHARD_BYTES = 10**9
+DEFAULT_SEED = 0  # the shuffle of samples across shards; part of the plan
+DEFAULT_VALIDATE = "draft"
 _RATIO_SAMPLE = 64  # images re-encoded up front to predict shard bytes when resizing
 _SHOW_SKIPPED = 5
 
@@ -66,13 +68,13 @@ def make_shards(
     *,
     val_labels: str | os.PathLike | None = None,
     devkit_meta: str | os.PathLike | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     shard_bytes: int | str | None = None,
     samples_per_shard: int | None = None,
     workers: int | None = None,
     resize: int | None = None,
     quality: int | None = None,
-    validate: str = "draft",
+    validate: str = DEFAULT_VALIDATE,
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
@@ -318,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devkit-meta", help="the devkit's data/meta.mat (ILSVRC2012_ID -> wnid), needed with the "
                                          "devkit ground truth; found beside it if there. A text file of wnids in "
                                          "ILSVRC2012_ID order also works")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0); part of the plan")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"shuffle seed (default {DEFAULT_SEED}); part of the plan")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--shard-bytes", type=_size_arg, help="target shard size: 1e9, 1GB, 500MB, 512MiB "
                                                             "(default 1GB)")
@@ -328,9 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, metavar="N", help="re-encode as JPEG with the shorter side N (never "
                                                            "upscales; smaller images keep their bytes)")
     p.add_argument("--quality", type=int, help=f"JPEG quality for --resize (default {DEFAULT_QUALITY})")
-    p.add_argument("--validate", choices=VALIDATE_MODES, default="draft",
+    p.add_argument("--validate", choices=VALIDATE_MODES, default=DEFAULT_VALIDATE,
                    help="how images are checked: draft = JPEGs decoded at 1/8 scale (fast, still reads every "
-                        "byte), full = full decode (default draft)")
+                        f"byte), full = full decode (default {DEFAULT_VALIDATE})")
     p.add_argument("--overwrite", action="store_true", help=f"delete shards, {PLAN_FILE} and metadata already "
                                                             f"in OUT and start over")
     p.add_argument("--dry-run", action="store_true", help="list the source and print the plan, write nothing")

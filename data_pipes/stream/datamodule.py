@@ -24,6 +24,8 @@ from data_pipes.stream.loader import DataError, ShardLoader, ShardStream, Transf
 from data_pipes.stream.mixture import MixtureLoader, MixtureStream
 
 __all__ = ["DataHealthMonitor", "MixtureDataModule", "ShardDataModule", "build_eval_loader"]
+# Samples a loader worker of an evaluation (build_eval_loader) reads as one run of a shard.
+EVAL_WINDOW = 1024
 
 # Our loaders' __len__ is exact on every rank and worker count (that is the point of the planner).
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -197,13 +199,16 @@ class ShardDataModule(LightningDataModule):
 
 
 def build_eval_loader(
-    root: str, eval_transform: Transform, batch_size: int, num_workers: int, split: str = "val"
+    root: str, eval_transform: Transform, batch_size: int, num_workers: int, *, max_bad_fraction: float,
+    split: str = "val",
 ) -> ShardLoader:
-    """A single-process loader over every sample of `split`, in dataset order (for evaluation and export)."""
+    """A loader over every sample of `split`, in dataset order (for evaluation and export); it stops when more than
+    `max_bad_fraction` of the samples fail to decode (the run's data.max_bad_fraction)."""
     info = read_info(root)
     stream = ShardStream(
-        info.shards(split), transform=eval_transform, batch_size=batch_size, train=False,
-        num_classes=info.num_classes, split=split,
+        # In dataset order: nothing is shuffled, so the seed is unused; each worker reads windows of EVAL_WINDOW.
+        info.shards(split), transform=eval_transform, batch_size=batch_size, train=False, seed=0,
+        shuffle_window=EVAL_WINDOW, max_bad_fraction=max_bad_fraction, num_classes=info.num_classes, split=split,
     )
     prefetch = 2 if num_workers else None
     return ShardLoader(stream, num_workers=num_workers, pin_memory=torch.cuda.is_available(), prefetch_factor=prefetch)

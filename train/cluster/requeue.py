@@ -60,7 +60,7 @@ class Requeued(Stopped):
 
 
 class RequeueOnSignal(Callback):
-    def __init__(self, checkpoint: Path, *, signals: Sequence[str], stop_signals: Sequence[str] = (),
+    def __init__(self, checkpoint: Path, *, signals: Sequence[str], stop_signals: Sequence[str],
                  requeue: bool) -> None:
         self.checkpoint = Path(checkpoint)
         self.signals = [_signal(name) for name in signals]

@@ -64,7 +64,8 @@ def export_checkpoint(
     root = resolve_data_root(data_root, ckpt)
     _check_labels(root, label_names)
     loader = build_val_loader(root, ckpt["data_config"], batch_size=batch_size or run_batch_size(ckpt),
-                              num_workers=export_workers(num_workers), dct_reduce=eval_dct_reduce(ckpt))
+                              num_workers=export_workers(num_workers), dct_reduce=eval_dct_reduce(ckpt),
+                              max_bad_fraction=run_bad_fraction(ckpt))
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
     return export_model(model, out, architecture=name, label_names=label_names, data_config=ckpt["data_config"],
                         val_batches=loader, device=device or default_device(), latency=_export_latency(ckpt, latency),
@@ -107,14 +108,15 @@ def export_quantized(
     _check_labels(root, label_names)
     batch_size, workers = batch_size or run_batch_size(ckpt), export_workers(num_workers)
     loader = build_val_loader(root, data_config, batch_size=batch_size, num_workers=workers,
-                              dct_reduce=eval_dct_reduce(ckpt))
+                              dct_reduce=eval_dct_reduce(ckpt), max_bad_fraction=run_bad_fraction(ckpt))
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
     report = export_model(model, out, architecture=name, label_names=label_names, data_config=data_config,
                           val_batches=loader, latency=_export_latency(ckpt, latency), record=_record(ckpt))
     if net is None:
         net = PTQNetwork(build_network(name, len(label_names), state), img_size=img_size, quant=quant)
         net.calibrate(build_val_loader(root, data_config, batch_size=batch_size, num_workers=workers,
-                                       dct_reduce=eval_dct_reduce(ckpt), split="train"),
+                                       dct_reduce=eval_dct_reduce(ckpt), max_bad_fraction=run_bad_fraction(ckpt),
+                                       split="train"),
                       mean=data_config["mean"], std=data_config["std"], limit=calib_batches)
     int8 = export_int8(net, model, out, loader, img_size=img_size, mean=data_config["mean"], std=data_config["std"],
                        num_classes=len(label_names), min_agreement=quant["min_agreement"],
@@ -125,18 +127,28 @@ def export_quantized(
 def quant_settings(ckpt: Mapping[str, Any], *, latency: bool | None, ptq_observer: str | None) -> dict[str, Any]:
     """The run's `quant` settings; keys a checkpoint predates take today's defaults; the command line's values (when
     not None) replace the run's."""
-    defaults = OmegaConf.to_container(compose_config().quant, resolve=True)
-    quant = {**defaults, **(ckpt["run_config"].get("quant") or {})}
+    quant = run_settings(ckpt, "quant")
     for key, value in (("latency", latency), ("ptq_observer", ptq_observer)):
         if value is not None:
             quant[key] = value
     return quant
 
 
+def run_settings(ckpt: Mapping[str, Any], group: str) -> dict[str, Any]:
+    """A config group of the run; keys a checkpoint predates (or a hand-made one lacks) take today's defaults."""
+    defaults = OmegaConf.to_container(compose_config()[group], resolve=False)
+    return {**defaults, **(ckpt["run_config"].get(group) or {})}
+
+
 def run_batch_size(ckpt: Mapping[str, Any]) -> int:
     """The batch the run validated with (data.val_batch_size, else data.batch_size)."""
-    data = ckpt["run_config"].get("data") or {}
-    return int(data.get("val_batch_size") or data["batch_size"])
+    data = run_settings(ckpt, "data")
+    return int(data["val_batch_size"] or data["batch_size"])
+
+
+def run_bad_fraction(ckpt: Mapping[str, Any]) -> float:
+    """The run's data.max_bad_fraction: the share of undecodable images its evaluation tolerated."""
+    return float(run_settings(ckpt, "data")["max_bad_fraction"])
 
 
 def _network_of(ckpt: Mapping[str, Any]) -> tuple[str, list[str]]:
@@ -180,18 +192,18 @@ def _check_labels(root: Path, label_names: Sequence[str]) -> None:
 
 
 def build_val_loader(root: str | os.PathLike, data_config: Mapping[str, Any], *, batch_size: int, num_workers: int,
-                     dct_reduce: bool, split: str = "val") -> Iterable:
+                     dct_reduce: bool, max_bad_fraction: float, split: str = "val") -> Iterable:
     """The eval preprocessing over a split (val; train for PTQ calibration): the standard eval pixels unless
     `dct_reduce` (what a run with data.eval_dct_reduce=true validated on)."""
     transform = build_eval_transform(data_config["input_size"][-1], crop_pct=data_config["crop_pct"],
                                      interpolation=data_config["interpolation"], dct_reduce=dct_reduce)
-    return build_eval_loader(root, transform, batch_size=batch_size, num_workers=num_workers, split=split)
+    return build_eval_loader(root, transform, batch_size=batch_size, num_workers=num_workers,
+                             max_bad_fraction=max_bad_fraction, split=split)
 
 
 def eval_dct_reduce(ckpt: Mapping[str, Any]) -> bool:
-    """The run's data.eval_dct_reduce: the pixels its validation used (standard ones for checkpoints predating the
-    key: an export measures on those)."""
-    return bool((ckpt["run_config"].get("data") or {}).get("eval_dct_reduce", False))
+    """The run's data.eval_dct_reduce: the pixels its validation used."""
+    return bool(run_settings(ckpt, "data")["eval_dct_reduce"])
 
 
 def default_out_dir(ckpt_path: Path) -> Path:
