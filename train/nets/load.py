@@ -46,8 +46,8 @@ class Settings:
     """The config keys a network is given by, for messages that say what to change."""
 
     spec: str  # e.g. "kd.teacher"
-    weights: str  # a timm name's local weights file, e.g. "kd.teacher_weights"
-    labels: str  # a timm name's class names file, e.g. "kd.teacher_labels"
+    weights: str | None = None  # a timm name's local weights file, e.g. "kd.teacher_weights"; None: no timm names
+    labels: str | None = None  # a timm name's class names file, e.g. "kd.teacher_labels"
 
 
 @dataclass(eq=False)
@@ -191,6 +191,8 @@ def _from_checkpoint(path: Path) -> TrainedNetwork:
 
 def _from_timm(name: str, weights: str | None, labels: str | None, num_classes: int | None,
                settings: Settings) -> TrainedNetwork:
+    if settings.weights is None:
+        raise LoadError(f"{settings.spec}={name}: no such export directory or checkpoint of ours")
     if not timm.is_model(name):
         raise LoadError(f"{settings.spec}={name} is neither an export directory, a checkpoint nor a timm model name")
     if not weights or not Path(weights).is_file():

@@ -34,7 +34,7 @@ from train.quant.network import FakeQuantNetwork, export_graph
 log = logging.getLogger(__name__)
 
 
-INIT_FROM = Settings("init_from", weights="init_from", labels="init_from")
+INIT_FROM = Settings("init_from")  # an export directory or a checkpoint of ours; never a timm name
 
 
 def load_float(init_from: str | None, *, name: str, label_names: Sequence[str]) -> dict[str, torch.Tensor]:
