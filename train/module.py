@@ -135,10 +135,17 @@ class ImageClassifier(LightningModule):
     def on_train_epoch_start(self) -> None:
         self._train_counts = torch.zeros(3, dtype=torch.long, device=self.device)
 
+    def _summed_train_counts(self) -> Tensor:
+        """The epoch's train counts summed over ranks. The reduce runs on the module's device, where NCCL needs it:
+        counts restored from a checkpoint are on the CPU until a training step moves them, and a checkpoint written
+        after an epoch's last validation resumes straight into the epoch's end, with no step in between."""
+        self._train_counts = self._train_counts.to(self.device)
+        return self.trainer.strategy.reduce(self._train_counts.clone(), reduce_op="sum")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The epoch's train counts so far, summed over ranks (every rank runs this hook for every save): a run resumed
         # mid-epoch then reports the whole epoch's accuracy, not the part after the restart.
-        checkpoint["train_counts"] = self.trainer.strategy.reduce(self._train_counts.clone(), reduce_op="sum").cpu()
+        checkpoint["train_counts"] = self._summed_train_counts().cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counts = checkpoint.get("train_counts")
@@ -146,7 +153,7 @@ class ImageClassifier(LightningModule):
             self._train_counts = counts.clone() if self.trainer.is_global_zero else torch.zeros_like(counts)
 
     def on_train_epoch_end(self) -> None:
-        hits1, hits5, seen = self.trainer.strategy.reduce(self._train_counts.clone(), reduce_op="sum").tolist()
+        hits1, hits5, seen = self._summed_train_counts().tolist()
         if seen:
             self.log_dict({"train/acc1_epoch": 100.0 * hits1 / seen, "train/acc5_epoch": 100.0 * hits5 / seen},
                           sync_dist=False)  # already summed over ranks

@@ -32,8 +32,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None):
-        # Checkpoints hold only tensors and plain Python values, so the safe loader always works.
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        # Checkpoints hold only tensors and plain Python values, so the safe loader always works. Onto the CPU unless
+        # asked otherwise (Lightning's own default): a checkpoint saved on rank 0 holds cuda:0 tensors, which every
+        # rank of a node would otherwise deserialize onto GPU 0 (a CUDA context there for each rank, and an error
+        # where GPUs are in exclusive-process mode). Lightning moves the restored state to each rank's device.
+        return super().load_checkpoint(path, map_location="cpu" if map_location is None else map_location,
+                                       weights_only=True)
 
 
 class RunRecord(Callback):

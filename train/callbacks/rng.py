@@ -57,8 +57,11 @@ class RngStates(Callback):
 def _rng_states() -> dict[str, Any]:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, py_state, gauss = random.getstate()
+    # CUDA: the state of this process's own device only (a rank drives one device; a resume may see fewer of them).
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state()] if cuda else [],
+            "cuda_device": torch.cuda.current_device() if cuda else -1,
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                       "cached_gaussian": float(cached)},
             "python": [version, list(py_state), gauss]}
@@ -66,10 +69,23 @@ def _rng_states() -> dict[str, Any]:
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"].cpu())
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+    cuda = _own_cuda_state(states)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda.cpu())  # the current device: the one this rank drives
     n = states["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     version, py_state, gauss = states["python"]
     random.setstate((version, tuple(py_state), gauss))
+
+
+def _own_cuda_state(states: dict[str, Any]) -> torch.Tensor | None:
+    """This rank's CUDA generator state: the one saved (`cuda_device` set), or, in checkpoints that saved every
+    visible device's, the entry of the device this process drives now (none when it is out of their range)."""
+    saved = states.get("cuda") or []
+    if not saved:
+        return None
+    if "cuda_device" in states:
+        return saved[0]
+    index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return saved[index] if index < len(saved) else None
