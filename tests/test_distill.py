@@ -368,6 +368,10 @@ def test_two_ranks_distil_on_equal_batch_counts_disjoint_samples_and_exact_sourc
     for source in (0, 1):  # within each source, the ranks read disjoint samples
         seen = [{k for b in r["batches"] for k, s in zip(b["keys"], b["source"]) if s == source} for r in ranks]
         assert seen[0] and not seen[0] & seen[1]
+    # Each rank draws its own dropout masks (seed + rank), from the same weights, which DDP keeps equal.
+    assert all(a["rng"][0] != b["rng"][0] and a["rng"][1] != b["rng"][1]
+               for a, b in zip(ranks[0]["batches"], ranks[1]["batches"]))
+    assert ranks[0]["state"] == ranks[1]["state"]
     assert (run_dir / "export" / "model.safetensors").is_file()
 
 
@@ -375,8 +379,6 @@ def test_two_ranks_distil_on_equal_batch_counts_disjoint_samples_and_exact_sourc
 @pytest.mark.parametrize("mode", ["offline", "online"])
 def test_a_distill_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_weights(mode, tmp_path, built,
                                                                                    synthetic_shards, teacher):
-
-
     def run(run_dir: Path, *extra: str, callbacks=()):
         # No dropout: the RNG state is not in checkpoints yet (issue 9), and dropout masks would then differ.
         cfg = compose_run(*kd_overrides(synthetic_shards, teacher, built if mode == "offline" else None,

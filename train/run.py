@@ -94,7 +94,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
                                     lr_monitor=cfg.callbacks.lr_monitor, ema_decay=cfg.ema.decay,
                                     ema_warmup=cfg.ema.warmup, record=run_record, has_logger=bool(loggers),
                                     progress_refresh=cfg.trainer.log_every_n_steps if cfg.callbacks.progress_bar
-                                    else None)
+                                    else None, seed=cfg.seed)
     trainer = L.Trainer(**trainer_kwargs(cfg, features), default_root_dir=run_dir, logger=loggers or False,
                         callbacks=[*run_callbacks, clock, summary, *data.datamodule.callbacks(), *features.callbacks(),
                                    requeue, *callbacks],

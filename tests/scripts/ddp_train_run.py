@@ -10,6 +10,7 @@ script once per extra rank, as it would for a user's training script.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # the repo, when not pip-installed
 
 import lightning.pytorch as pl  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from train.nets.configs import compose_config  # noqa: E402
 from train.run import train  # noqa: E402
@@ -27,8 +30,13 @@ class Recorder(pl.Callback):
     def __init__(self, out: Path) -> None:
         self.out, self.batches = out, []
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # What this rank's dropout, drop-path (torch) and Mixup/CutMix (numpy) will draw from: digests, not draws.
+        self.rng = [hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16],
+                    hashlib.sha256(np.random.get_state()[1].tobytes()).hexdigest()[:16]]
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        record = {"epoch": trainer.current_epoch, "keys": list(batch["key"])}
+        record = {"epoch": trainer.current_epoch, "keys": list(batch["key"]), "rng": self.rng}
         if "source" in batch:
             record["source"] = batch["source"].tolist()
         self.batches.append(record)

@@ -20,18 +20,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from train.callbacks.checkpoints import AtomicCheckpointIO, RunRecord, StepCheckpoint, validation_follows
 from train.callbacks.ema import EMAWeights, WarmupEMA
 from train.callbacks.progress import PlainProgress, image_count
-from train.callbacks.rng import RngStates
+from train.callbacks.rng import RankSeeds, RngStates
 from train.tracking.axes import ComparableAxes
 from train.tracking.loggers import ContinueLogs
 from train.tracking.throughput import ThroughputLogger
 
-__all__ = ["AtomicCheckpointIO", "EMAWeights", "PlainProgress", "RngStates", "RunRecord", "StepCheckpoint",
+__all__ = ["AtomicCheckpointIO", "EMAWeights", "PlainProgress", "RankSeeds", "RngStates", "RunRecord", "StepCheckpoint",
            "WarmupEMA", "build_callbacks", "image_count", "validation_follows"]
 
 
 def build_callbacks(
     run_dir: Path, *, every_n_train_steps: int, save_top_k: int, lr_monitor: bool, ema_decay: float | None,
-    ema_warmup: bool, record: RunRecord, has_logger: bool, progress_refresh: int | None,
+    ema_warmup: bool, record: RunRecord, has_logger: bool, progress_refresh: int | None, seed: int,
 ) -> list[Callback]:
     checkpoints = run_dir / "checkpoints"
     # StepCheckpoint alone writes last.ckpt (every N steps and after each validation), so `ckpt_path=last` always
@@ -44,6 +44,7 @@ def build_callbacks(
         ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc1", mode="max", save_top_k=save_top_k,
                         save_last=False, auto_insert_metric_name=False, enable_version_counter=False),
         record,
+        RankSeeds(seed),  # before RngStates: a resume's saved states win at the first batch
         RngStates(),
     ]
     if progress_refresh:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.utilities.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,21 @@ class RngStates(Callback):
         if self._pending is not None:
             _set_rng_states(self._pending)
             self._pending = None
+
+
+class RankSeeds(Callback):
+    """Seeds every rank's global RNGs with `seed + rank` when training starts, so that dropout, drop-path and
+    Mixup/CutMix draw different masks and mixing on each rank (with one seed everywhere, every rank of a step drew
+    the same ones). timm seeds `seed + rank` too. The network is built before this, from the one seed, so every rank
+    starts from the same weights (and the same EMA copy). A resumed run then puts each rank's saved states back at
+    its first batch (`RngStates`). One process: nothing changes."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size > 1:
+            seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
 
 
 def _rng_states() -> dict[str, Any]:
