@@ -257,22 +257,31 @@ def _checkpoint(path: Path, model: torch.nn.Module, *, root: Path, label_names: 
     return path
 
 
-def test_cli_exports_a_checkpoint_into_its_run_dir_evaluating_every_val_image(tmp_path, synthetic_folder, capsys):
+def test_cli_exports_a_checkpoint_beside_the_runs_own_export_evaluating_every_val_image(tmp_path, synthetic_folder,
+                                                                                          capsys):
     labels = sorted(p.name for p in (synthetic_folder / "val").iterdir())
     samples = [(f"{label}_{i:03d}", jpg.read_bytes(), cls) for cls, label in enumerate(labels)
                for i, jpg in enumerate(sorted((synthetic_folder / "val" / label).iterdir()))]
     root = _shard_dir(tmp_path / "shards", labels, samples)
     model = _like_trained(timm.create_model(ARCH, pretrained=False, num_classes=len(labels)))
     ckpt = _checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt", model, root=root, label_names=labels)
+    own = tmp_path / "run" / "export"  # the run's own export, which its W&B artifact references
+    own.mkdir()
+    (own / "metrics.json").write_text("the run's own export")
     # 50 images in batches of 16: the last batch is partial.
-    assert main([str(ckpt), "--batch-size", "16", "--num-workers", "0"]) == 0
-    export_dir = tmp_path / "run" / "export"
+    assert main([str(ckpt), "--batch-size", "16", "--num-workers", "0", "--no-latency"]) == 0
+    export_dir = tmp_path / "run" / "export-best"  # beside it, named for the checkpoint
     metrics = json.loads((export_dir / "metrics.json").read_text())
     assert metrics["val_images"] == len(samples) == 50
     assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 100.0
     assert f"on {len(samples)} val images" in capsys.readouterr().out
     weights = load_file(export_dir / "model.safetensors")
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert sorted(p.name for p in own.iterdir()) == ["metrics.json"]
+    assert (own / "metrics.json").read_text() == "the run's own export"
+    # --replace: into the run's own export
+    assert main([str(ckpt), "--batch-size", "16", "--num-workers", "0", "--no-latency", "--replace"]) == 0
+    assert json.loads((own / "metrics.json").read_text())["val_images"] == 50
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):

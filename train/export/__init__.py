@@ -1,6 +1,9 @@
 """Ship a trained network: `<out>/{model.safetensors,config.json,model.onnx,metrics.json}`.
 
-    python -m train.export RUN_DIR/checkpoints/last.ckpt [--out DIR] [--data-root DIR] [--batch-size B]
+    python -m train.export RUN_DIR/checkpoints/best.ckpt [--out DIR] [--data-root DIR] [--batch-size B] [--replace]
+
+A run exports itself to `<run dir>/export` at its end; a re-export goes beside it (`<run dir>/export-best`, named for
+the checkpoint) unless `--replace` asks for the run's own directory.
 
 config.json is timm's own Hugging Face layout (written by `timm.models._hub.save_config_for_hf`), so the trained
 model comes back with timm alone, classifier included:

@@ -206,6 +206,12 @@ def eval_dct_reduce(ckpt: Mapping[str, Any]) -> bool:
     return bool(run_settings(ckpt, "data")["eval_dct_reduce"])
 
 
-def default_out_dir(ckpt_path: Path) -> Path:
-    """`<run dir>/export`: checkpoints live in `<run dir>/checkpoints/`."""
-    return ckpt_path.resolve().parent.parent / "export"
+RUN_EXPORT = "export"  # the run's own export: `python -m train` writes it, its W&B model artifact references its files
+
+
+def default_out_dir(ckpt_path: Path, *, replace: bool = False) -> Path:
+    """Where a re-export goes: `<run dir>/export-<checkpoint name>` (e.g. `export-best`), beside the run's own
+    `<run dir>/export`, whose files the run's W&B artifact references; with `replace`, that one itself.
+    Checkpoints live in `<run dir>/checkpoints/`."""
+    run_dir = ckpt_path.resolve().parent.parent
+    return run_dir / (RUN_EXPORT if replace else f"{RUN_EXPORT}-{ckpt_path.stem}")

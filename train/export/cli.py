@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_pipes.errors import UserError
-from train.export.checkpoint import CALIB_BATCHES, default_device, export_checkpoint, export_quantized
+from train.export.checkpoint import (
+    CALIB_BATCHES,
+    default_device,
+    default_out_dir,
+    export_checkpoint,
+    export_quantized,
+)
 from train.nets.load import is_qat_checkpoint, read_checkpoint
 from train.quant.backend import PTQ_OBSERVERS
 
@@ -22,7 +28,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.export",
                                      description="Ship a checkpoint of `python -m train` (see train.export).")
     parser.add_argument("ckpt", type=Path, help="a checkpoint of `python -m train`")
-    parser.add_argument("--out", type=Path, default=None, help="export dir (default: <run dir>/export)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="export dir (default: <run dir>/export-<checkpoint name>, beside the run's own export)")
+    parser.add_argument("--replace", action="store_true",
+                        help="write into the run's own <run dir>/export, replacing it (its W&B artifact references "
+                             "those files)")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="shard dir to evaluate on (default: the one recorded in the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's validation batch size")
@@ -46,14 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     int8 = None
+    out = args.out if args.out is not None else default_out_dir(args.ckpt, replace=args.replace)
     try:
         if args.ptq or is_qat_checkpoint(read_checkpoint(args.ckpt)):
             report, int8 = export_quantized(args.ckpt, ptq=args.ptq, calib_batches=args.calib_batches,
-                                            out_dir=args.out, data_root=args.data_root, batch_size=args.batch_size,
+                                            out_dir=out, data_root=args.data_root, batch_size=args.batch_size,
                                             num_workers=args.num_workers, latency=args.latency,
                                             ptq_observer=args.ptq_observer)
         else:
-            report = export_checkpoint(args.ckpt, out_dir=args.out, data_root=args.data_root,
+            report = export_checkpoint(args.ckpt, out_dir=out, data_root=args.data_root,
                                        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
                                        latency=args.latency)
     except UserError as e:
