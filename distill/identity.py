@@ -41,7 +41,7 @@ def selection_identity(kd: Mapping[str, Any]) -> dict[str, Any]:
 def build_identity(kd: Mapping[str, Any], sources: Sequence[SourceConfig], teacher: Teacher, size: int,
                    label_names: Sequence[str]) -> dict[str, Any]:
     """The teacher, the classes, the storage and every source's shards, recipe, replicas (and D3's selection)."""
-    return _as_json({
+    return json_values({
         "teacher": teacher.identity,
         "label_names": list(label_names),
         "storage": kd["storage"], "top_k": int(kd["top_k"]), "seed": int(kd["seed"]), "view_size": size,
@@ -52,7 +52,8 @@ def build_identity(kd: Mapping[str, Any], sources: Sequence[SourceConfig], teach
     })
 
 
-def _as_json(value: Any) -> Any:
+def json_values(value: Any) -> Any:
+    """`value` as it reads back from a JSON file (tuples become lists, keys sorted), so that the two compare equal."""
     return json.loads(json.dumps(value, sort_keys=True))
 
 

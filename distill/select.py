@@ -26,10 +26,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipes.image.augment import build_eval_transform
-from data_pipes.shards.metadata import DatasetInfo
+from data_pipes.shards.metadata import DatasetInfo, info_sha256
 from data_pipes.stream.loader import init_loader_worker
 from data_pipes.stream.mixture import SourceReader, source_blocks
-from distill.identity import selection_identity
+from distill.identity import json_values, selection_identity
 from distill.kdset import RESUME_HINT, KDSetError, read_json, write_atomic, write_json
 from distill.sources import SourceConfig
 from distill.teacher import SELECTOR, Teacher, autocast_bf16, load_teacher, resolve_device
@@ -37,6 +37,7 @@ from distill.teacher import SELECTOR, Teacher, autocast_bf16, load_teacher, reso
 log = logging.getLogger("distill.select")
 SCORE_DTYPE = np.dtype([("cls", "<i4"), ("conf", "<f4")])  # conf -1: the image could not be read
 SELECTION = "selection.npz"
+SCORES_IDENTITY = "identity.json"
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,9 @@ class ScoreRenderer(IterableDataset):
 
 def score(selector: Teacher, shards: Sequence[tuple[Path, int]], directory: Path, *, share: tuple[int, int],
           batch_size: int, num_workers: int, device: torch.device, autocast: bool) -> None:
-    """Score this share's extra shards that have no score file yet (resumable: one file per shard)."""
+    """Score this share's extra shards that have no score file yet (resumable: one file per shard). Scores already in
+    `directory` are reused only if the same selector scored the same extra shards (`scores/identity.json`)."""
+    claim_scores(directory, score_identity(selector, shards))
     blocks = source_blocks(shards)
     me, count = share
     todo = [k for k in range(len(blocks)) if k % count == me and not _score_path(directory, k).is_file()]
@@ -155,6 +158,37 @@ def score(selector: Teacher, shards: Sequence[tuple[Path, int]], directory: Path
             write_atomic(_score_path(directory, block), lambda f, a=done: np.save(f, a, allow_pickle=False))
     log.info("kd d3: scored %d images in %.1f s (%.1f images/s)", images, time.time() - start,
              images / max(1e-9, time.time() - start))
+
+
+def score_identity(selector: Teacher, shards: Sequence[tuple[Path, int]]) -> dict[str, Any]:
+    """What a score depends on: the selector (its weights and its eval view) and the extra shards (their set's
+    `_info.json`). The threshold and per_class do not change a score, only the selection made from the scores."""
+    root = Path(shards[0][0]).parent if shards else None
+    return json_values({"selector": selector.identity, "extra_root": str(root),
+                        "extra_info_sha256": info_sha256(root) if root is not None else None,
+                        "view": "eval, DCT-reduced"})
+
+
+def claim_scores(directory: Path, identity: dict[str, Any]) -> None:
+    """Refuse scores made by another selector or of other extra shards; record the identity of new ones."""
+    path = Path(directory) / "scores" / SCORES_IDENTITY
+    if path.is_file():
+        before = read_json(path)
+        if before != identity:
+            differs = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+            raise KDSetError(f"{directory} holds D3 scores made with another {' and '.join(differs)} "
+                             f"(made: {_short(before, differs)}; now: {_short(identity, differs)}): point "
+                             f"kd.selection (or kd.sets) at another directory, or delete {path.parent}")
+        return
+    if any(Path(directory, "scores").glob("block-*.npy")):  # made before scores recorded their selector
+        log.warning("kd d3: the scores in %s record no selector (made by an earlier version); they are reused as "
+                    "made by %s", path.parent, identity["selector"]["source"])
+    write_json(path, identity)
+
+
+def _short(identity: dict[str, Any], keys: Sequence[str]) -> str:
+    text = str({k: identity.get(k) for k in keys})
+    return text if len(text) < 300 else text[:300] + "..."
 
 
 def _score_path(directory: Path, block: int) -> Path:

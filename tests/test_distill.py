@@ -33,7 +33,7 @@ from distill.build import build as build_sets
 from distill.kdset import KDSetError, dequantize, read_block
 from distill.objectives import dense_targets
 from distill.reader import KDSets
-from distill.select import balance
+from distill.select import balance, missing_scores, score
 from distill.sources import build_teacher, source_configs
 from distill.teacher import load_teacher
 from train.run import train
@@ -400,3 +400,16 @@ def test_a_distill_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_weight
     for key in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], msg=lambda m, k=key: f"{k}: {m}")
     assert resumed["val/acc1"] == pytest.approx(uninterrupted["val/acc1"])
+
+
+def test_d3_scores_made_by_another_selector_are_refused_before_any_is_reused(tmp_path, synthetic_shards, teacher):
+    shards = read_info(synthetic_shards).shards("train")
+    args = {"batch_size": 32, "num_workers": 0, "device": torch.device("cpu"), "autocast": False}
+    first = load_teacher(str(teacher))
+    score(first, shards, tmp_path, share=(0, 2), **args)  # half the extra shards, as a killed selection leaves them
+    assert 0 < len(missing_scores(tmp_path, shards)) < len(shards)
+    other = load_teacher(str(teacher.parent / "checkpoints" / "last.ckpt"))  # another selector (file and hash)
+    with pytest.raises(KDSetError, match="holds D3 scores made with another selector"):
+        score(other, shards, tmp_path, share=(0, 1), **args)
+    score(first, shards, tmp_path, share=(0, 1), **args)  # the same selector resumes
+    assert missing_scores(tmp_path, shards) == []
