@@ -29,7 +29,8 @@ from train.builders import (
     trainer_kwargs,
 )
 from train.callbacks import RunRecord, build_callbacks
-from train.cluster.requeue import RequeueOnSignal, resolve_ckpt_path
+from train.cluster.requeue import RequeueOnSignal
+from train.cluster.resume import check_start, resolve_ckpt_path
 from train.export import export_model
 from train.export.checkpoint import build_val_loader, export_workers
 from train.export.provenance import run_provenance
@@ -61,6 +62,10 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = prepare_dataset(cfg.data.root, synthetic=plain(cfg.data.synthetic))
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    # Before anything of this start is written: a resume continues the same run, a fresh start overwrites none.
+    check_start(ckpt_path, run_dir, model_name=cfg.model.name, label_names=info.label_names, data_root=info.root,
+                qat=cfg.qat)
     features = build_features(cfg)
 
     model = create_model(cfg.model.name, num_classes=info.num_classes, **features.regularisation(model_rates(cfg)))
@@ -104,8 +109,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
     features.declare_inputs(loggers)
 
     try:
-        trainer.fit(module, datamodule=data.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir),
-                    weights_only=True)
+        trainer.fit(module, datamodule=data.datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         shipped = None
         if cfg.export and trainer.is_global_zero:

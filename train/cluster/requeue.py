@@ -178,12 +178,3 @@ def _slurm_job() -> str | None:
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     return os.environ.get("SLURM_JOB_ID")
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """`auto`: the newest of `<run dir>/checkpoints/last.ckpt` and Lightning's `<run dir>/hpc_ckpt_*.ckpt`, or None
-    (a fresh start) when there is none; anything else is Lightning's (`last`, a path, None)."""
-    if ckpt_path != "auto":
-        return ckpt_path
-    found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None

@@ -13,8 +13,14 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipes.launch import run_name
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TRAIN_CONFIG = "train"  # conf/train.yaml: what `python -m train` and `python -m distill.build` compose
+
+# `${run_name:}` in conf/train.yaml's hydra.run.dir: one name per launch, shared by its processes and its restarts
+# (data_pipes.launch.run_name); resolved once per process, as Hydra's own `${now:}` is.
+OmegaConf.register_new_resolver("run_name", run_name, use_cache=True, replace=True)
 
 
 def plain(node: Any) -> Any:
