@@ -4,6 +4,7 @@ drop-path and Mixup/CutMix on (every rank's RNG states are in the checkpoint).""
 from __future__ import annotations
 
 import csv
+import os
 import signal
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from conftest import compose_run
 from preemption import PreemptAt, PreemptBeforeValidation, Preemption, SignalAt
 
+import train.run as run_module
 from train.cluster.requeue import Requeued, Stopped
 from train.run import train
 
@@ -160,3 +162,50 @@ def test_a_requeue_signal_a_launcher_handled_before_the_run_goes_back_to_that_ha
         assert signal.getsignal(signal.SIGUSR2) is launchers_handler  # the launcher's handler is back
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+@pytest.fixture
+def launcher():
+    """A launcher's own handler of the requeue signal, installed before the run (as submitit installs its USR2)."""
+    calls: list[int] = []
+
+    def launchers_handler(signum, frame):
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, launchers_handler)
+    yield calls
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def signal_inside(monkeypatch, name: str) -> None:
+    """`train.run.<name>` sends this process SIGUSR1 as it begins (the handler runs inside it)."""
+    real = getattr(run_module, name)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, name, signalled)
+
+
+def test_a_requeue_signal_during_start_up_requeues_the_job_at_once_with_nothing_written(
+        tmp_path, synthetic_shards, launcher, monkeypatch):
+    signal_inside(monkeypatch, "prepare_dataset")  # start-up: reading the data (online D3 scoring: hours of it)
+    with pytest.raises(Requeued, match="SIGUSR1 during start-up: requeued"):
+        run(synthetic_shards, tmp_path)
+    assert launcher == [signal.SIGUSR1]  # the launcher's handler requeued the job
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "csv").exists()
+    assert signal.getsignal(signal.SIGUSR1).__name__ == "launchers_handler"  # handlers back as they were
+
+
+@pytest.mark.slow
+def test_a_requeue_signal_during_the_export_requeues_and_the_resumed_job_exports(tmp_path, synthetic_shards, launcher,
+                                                                                monkeypatch):
+    signal_inside(monkeypatch, "export_model")
+    with pytest.raises(Requeued, match="SIGUSR1 during the export: requeued"):
+        run(synthetic_shards, tmp_path, "trainer.max_epochs=1", "export=true", "export_latency=false")
+    assert launcher == [signal.SIGUSR1]
+    assert last(tmp_path)["global_step"] == STEPS_PER_EPOCH and not (tmp_path / "export" / "metrics.json").exists()
+    monkeypatch.undo()  # the requeued job starts again: training is done, so it exports
+    metrics = run(synthetic_shards, tmp_path, "trainer.max_epochs=1", "export=true", "export_latency=false")
+    assert (tmp_path / "export" / "metrics.json").is_file() and metrics["export/top1"] >= 0

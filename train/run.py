@@ -29,7 +29,7 @@ from train.builders import (
     trainer_kwargs,
 )
 from train.callbacks import RunRecord, build_callbacks
-from train.cluster.requeue import RequeueOnSignal
+from train.cluster.requeue import RequeueOnSignal, SignalGuard, Stopped
 from train.cluster.resume import check_start, resolve_ckpt_path
 from train.export import export_model
 from train.export.checkpoint import build_val_loader, export_workers
@@ -55,7 +55,15 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
     """Train the configured model; returns the final validation metrics (and the export's, when exported).
 
-    `callbacks` are added to the run's own (for programmatic use: benchmarks, tests, notebooks)."""
+    `callbacks` are added to the run's own (for programmatic use: benchmarks, tests, notebooks). The job's signals
+    are handled from here to the end (train.cluster.requeue): at the next step inside `fit`, at once outside it."""
+    signals = cfg.callbacks.requeue
+    with SignalGuard(signals=list(signals.signals), stop_signals=list(signals.stop_signals),
+                     requeue=signals.requeue) as guard:
+        return _train(cfg, guard, callbacks)
+
+
+def _train(cfg: DictConfig, guard: SignalGuard, callbacks: Sequence[L.Callback]) -> dict[str, float]:
     clock = RunClock()  # the run's cost counts its set-up too
     check_model_name(cfg.model.name)  # before touching data: a typo should not wait for a dataset
     L.seed_everything(cfg.seed, workers=True)
@@ -91,9 +99,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
                          paper=plain(cfg.model.get("paper")), provenance=provenance, clock=clock)
     run_record = RunRecord(resolved, {"root": str(info.root), "label_names": list(info.label_names)}, data_config,
                            provenance)
-    signals = cfg.callbacks.requeue
-    requeue = RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt", signals=list(signals.signals),
-                              stop_signals=list(signals.stop_signals), requeue=signals.requeue)
+    requeue = RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt", guard=guard)
     run_callbacks = build_callbacks(run_dir, every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps,
                                     save_top_k=cfg.callbacks.checkpoint.save_top_k,
                                     lr_monitor=cfg.callbacks.lr_monitor, ema_decay=cfg.ema.decay,
@@ -111,6 +117,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
     try:
         trainer.fit(module, datamodule=data.datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        guard.phase = "the export"  # a signal now requeues at once: the resumed job exports from the last checkpoint
         shipped = None
         if cfg.export and trainer.is_global_zero:
             metrics.update(_export(cfg, run_dir, module, info, data_config, features, loggers, provenance))
@@ -119,6 +126,9 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
         if shipped is not None:
             log_export(loggers, run_dir / "export", metadata=_export_metadata(row, summary.run),
                        best=summary.exported_best)
+    except Stopped:
+        close_loggers(loggers, success=True, preempted=True)  # a no-op when the stop already closed them
+        raise
     except BaseException:
         close_loggers(loggers, success=False)  # what was logged reaches disk; a restart continues the run id
         raise

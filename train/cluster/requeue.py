@@ -20,6 +20,10 @@ with `Stopped`, without a requeue: `ckpt_path=auto` in the same run dir resumes 
 `KillWait` seconds (default 30) after its SIGTERM; if the next safe point is further away, the periodic
 `last.ckpt` (`callbacks.checkpoint.every_n_train_steps`) is what survives.
 
+Outside `fit`, from the start of `train()` to its end, `SignalGuard` holds the same signals and acts at once (there
+is no step to reach): during start-up (data, online D3 scoring, DDP set-up) a requeue signal requeues the job as it
+is, and during the export (published atomically) it requeues the job, whose resumed start exports again.
+
 Slurm signals every process of a job step, loader workers included: they ignore these signals
 (`data_pipes.stream.loader.init_loader_worker`), so they are still there when the trainer reaches its checkpoint.
 
@@ -41,6 +45,7 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 
+from data_pipes.launch import this_process
 from train.callbacks import validation_follows
 from train.tracking.loggers import close_loggers
 
@@ -59,16 +64,77 @@ class Requeued(Stopped):
     """The run stopped on a requeue signal after checkpointing (and, under Slurm, its job was requeued)."""
 
 
-class RequeueOnSignal(Callback):
-    def __init__(self, checkpoint: Path, *, signals: Sequence[str], stop_signals: Sequence[str],
-                 requeue: bool) -> None:
-        self.checkpoint = Path(checkpoint)
+class SignalGuard:
+    """The job's signals for the whole process, from the start of `train()` to its end.
+
+    Inside `fit`, `RequeueOnSignal` takes them over: it records a signal and stops every rank at the next safe step
+    with a checkpoint. Outside it there is no step to wait for, so the guard acts at once: during start-up (reading
+    the data, online D3 scoring, building the network, DDP set-up) nothing is lost by stopping, and during the export
+    (written atomically: nothing half-written stays) the resumed job exports again from the final checkpoint. A
+    requeue signal requeues the job as it is (through the launcher's own handler when one was installed before the
+    run, submitit's under the Hydra SLURM launcher; else `scontrol requeue` from rank 0) and raises `Requeued`; a
+    stop signal raises `Stopped`."""
+
+    def __init__(self, *, signals: Sequence[str], stop_signals: Sequence[str], requeue: bool) -> None:
         self.signals = [_signal(name) for name in signals]
         self.stop_signals = [_signal(name) for name in stop_signals]
         if overlap := set(self.signals) & set(self.stop_signals):
             raise ValueError(f"callbacks.requeue: {sorted(signal.Signals(s).name for s in overlap)} is in both "
                              f"`signals` (checkpoint and requeue) and `stop_signals` (checkpoint and stop): keep one")
         self.requeue = requeue
+        self.phase = "start-up"
+        self.launchers: dict[int, Any] = {}  # the handlers before ours: a launcher's (submitit's) requeue
+        self._installed = False
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            for sig in [*self.signals, *self.stop_signals]:
+                self.launchers[sig] = signal.signal(sig, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            for sig, previous in self.launchers.items():
+                if sig != signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:  # a stop already ignores it
+                    signal.signal(sig, previous)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if signum in self.stop_signals:
+            raise Stopped(f"stopped on {name} during {self.phase} (no training step since the last checkpoint: "
+                          f"resume with ckpt_path=auto in this run dir)", signum)
+        requeue_job(signum, self.launchers.get(signum), requeue=self.requeue, rank_zero=this_process().rank == 0)
+        raise Requeued(f"{name} during {self.phase}: requeued; the resumed job starts from its last checkpoint",
+                       signum)
+
+
+def requeue_job(signum: int, launcher: Any, *, requeue: bool, rank_zero: bool, resumes_from: str = "") -> None:
+    """Requeue the job: by the launcher's own handler when there is one (submitit's: rank 0 pickles the job's
+    resubmission, runs `scontrol requeue` and exits, so a sweep waits for the requeued job instead of reading this
+    segment as its result; other ranks return), else by `scontrol requeue` from rank 0 under Slurm."""
+    if not requeue:
+        return
+    name = signal.Signals(signum).name
+    if callable(launcher):
+        log.info("handing %s to the launcher's handler (%s) to requeue", name,
+                 getattr(launcher, "__qualname__", launcher))
+        launcher(signum, None)
+    elif rank_zero and (job := _slurm_job()):
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if done.returncode:
+            log.error("scontrol requeue %s failed (%s): resume by hand with ckpt_path=auto in the same run dir",
+                      job, done.stderr.strip())
+        else:
+            log.info("requeued Slurm job %s%s", job, f": it resumes from {resumes_from}" if resumes_from else "")
+
+
+class RequeueOnSignal(Callback):
+    def __init__(self, checkpoint: Path, *, guard: SignalGuard) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.guard = guard
+        self.signals, self.stop_signals = guard.signals, guard.stop_signals
         self._received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -148,21 +214,10 @@ class RequeueOnSignal(Callback):
         message = f"stopped on {name} at step {trainer.global_step}; checkpoint {self.checkpoint}"
         if not requeue:
             raise Stopped(f"{message} (not requeued: resume with ckpt_path=auto in this run dir)", self._received)
-        launchers = self._previous.get(self._received) if self._received in self.signals else None
-        if self.requeue and callable(launchers):
-            # submitit's handler: rank 0 pickles the job's resubmission, runs `scontrol requeue` and exits (so the
-            # sweep waits for the requeued job instead of reading this segment as its result); others return.
-            log.info("handing %s to the launcher's handler (%s) to requeue", name, getattr(launchers, "__qualname__",
-                                                                                         launchers))
-            self._restore()
-            launchers(self._received, None)
-        elif self.requeue and (job := _slurm_job()) and trainer.is_global_zero:
-            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            if done.returncode:
-                log.error("scontrol requeue %s failed (%s): resume by hand with ckpt_path=auto in the same run dir",
-                          job, done.stderr.strip())
-            else:
-                log.info("requeued Slurm job %s: it resumes from %s", job, self.checkpoint)
+        self._restore()  # the guard's handlers: no second stop while the launcher's handler runs
+        launcher = self.guard.launchers.get(self._received) if self._received in self.signals else None
+        requeue_job(self._received or self.signals[0], launcher, requeue=self.guard.requeue,
+                    rank_zero=trainer.is_global_zero, resumes_from=str(self.checkpoint))
         raise Requeued(message, self._received)
 
 
