@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data_pipes.errors import UserError
+from data_pipes.launch import work_share
 from data_pipes.shards.metadata import read_info
 from data_pipes.stream.loader import init_loader_worker
 from distill.identity import build_identity, versions
@@ -35,20 +36,10 @@ from distill.kdset import BUILD_FILE, MANIFEST, KDSetError, block_path, read_jso
 from distill.render import BlockWriter, Task, ViewRenderer
 from distill.select import build_selector, score, score_args, wait_for_selection, with_selection
 from distill.sources import SourceConfig, build_teacher, source_configs, view_size
-from distill.teacher import Teacher, autocast_bf16, resolve_device
+from distill.teacher import Teacher, autocast_bf16, release, resolve_device
 from train.nets.configs import CONF_DIR, TRAIN_CONFIG, plain
 
 log = logging.getLogger("distill.build")
-
-
-def shares() -> tuple[int, int]:
-    """(this share, number of shares): torchrun's RANK/WORLD_SIZE, or a SLURM array's task id/count."""
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
-    if "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    return 0, 1
 
 
 def build(cfg, *, share: tuple[int, int] | None = None, stop_after: int | None = None) -> Path:
@@ -66,13 +57,15 @@ def build(cfg, *, share: tuple[int, int] | None = None, stop_after: int | None =
     out = Path(str(kd["sets"])).expanduser()
     identity = build_identity(kd, sources, teacher, size, info.label_names)
     _claim(out, identity)
-    me, count = share or shares()
+    me, count = share or work_share()  # torchrun workers, srun tasks, array tasks: each its own share and device
     budget = [stop_after]
     # D3's scores first (other shares may wait for them), then D1/D2, then D3 once every share's scores exist.
     d3 = next((s for s in sources if s.selected), None)
     if d3 is not None:
         selector = build_selector(kd, info, teacher)
         score(selector, d3.shards, out / d3.name, share=(me, count), **score_args(kd))
+        if selector is not teacher:
+            release(selector)
     plain_sources = [s for s in sources if not s.selected]
     _build_blocks(plain_sources, me, count, teacher, kd, out, budget)
     if d3 is not None and budget[0] != 0:
@@ -139,7 +132,7 @@ def _label(todo: list[Task], sources: list[SourceConfig], teacher: Teacher, kd: 
             writers[chunk["task"]] = BlockWriter(out / s.name, s, _block_members(s, task.block),
                                                  record_dtype(s.recipe.dtype, len(teacher.label_names), top_k))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            probs = torch.softmax(teacher.logits(chunk["images"].to(device, non_blocking=True)), dim=1)
+            probs = teacher.probabilities(chunk["images"].to(device, non_blocking=True))
         top = probs.topk(min(top_k, probs.size(1)), dim=1)
         writer = writers[chunk["task"]]
         writer.add(chunk, top.indices.cpu().numpy(), top.values.float().cpu().numpy())

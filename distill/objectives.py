@@ -69,12 +69,13 @@ class SoftTargetDistillation(nn.Module):
             return sharpen(stored, self.temperature)
         if self.teacher is None or "teacher_image" not in batch:
             raise RuntimeError("online distillation needs the teacher and the batch's teacher_image")
-        return F.softmax(self.teacher.logits(batch["teacher_image"]) / self.temperature, dim=1)
+        return self.teacher.probabilities(batch["teacher_image"], self.temperature)
 
     def forward(self, logits: Tensor, targets: Tensor, images: Tensor, batch: dict) -> dict[str, Tensor]:
         target = self.teacher_distribution(batch)
         t = self.temperature
-        per_sample = -(target * F.log_softmax(logits.float() / t, dim=1)).sum(dim=1) * (t * t)
+        with torch.autocast(logits.device.type, enabled=False):  # the cross-entropy of two fp32 distributions
+            per_sample = -(target * F.log_softmax(logits.float() / t, dim=1)).sum(dim=1) * (t * t)
         valid = batch["valid"].to(per_sample.dtype)
         loss = (per_sample * valid).sum() / valid.sum().clamp_min(1.0)
         terms = {"loss": loss}
@@ -120,8 +121,9 @@ class LogitDistillation(nn.Module):
         task = self.soft(logits, targets) if targets.ndim == 2 else self.hard(logits, targets)
         teacher_logits = self.teacher.logits(self.teacher_input(images, targets, batch))
         t = self.temperature
-        kd = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
-                      reduction="batchmean", log_target=True) * (t * t)
+        with torch.autocast(logits.device.type, enabled=False):  # both distributions from fp32 logits
+            kd = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+                          reduction="batchmean", log_target=True) * (t * t)
         with torch.no_grad():
             agree = 100.0 * (logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean()
         return {"loss": self.task_weight * task + self.distill_weight * kd, "task_loss": task.detach(),

@@ -18,6 +18,7 @@ from torch import nn
 
 from data_pipes.image.augment import build_eval_transform, build_train_transform
 from data_pipes.image.decode import resize
+from data_pipes.launch import work_share
 from data_pipes.shards.metadata import DatasetInfo
 from data_pipes.stream.datamodule import MixtureDataModule, ShardDataModule
 from data_pipes.stream.mixture import MixtureStream, SourceReader
@@ -25,9 +26,9 @@ from distill.identity import selection_identity
 from distill.kdset import KDSetError, read_json
 from distill.objectives import LogitDistillation, SoftTargetDistillation
 from distill.reader import KDSets
-from distill.select import build_selector, score, score_args, select, with_selection
+from distill.select import build_selector, score, score_args, wait_for_selection, with_selection
 from distill.sources import SourceConfig, build_teacher, source_configs, view_size
-from distill.teacher import Teacher
+from distill.teacher import Teacher, release
 from distill.validation import TeacherValidation, WithTeacherView
 from distill.views import OnlineViews, StoredViews
 
@@ -99,16 +100,22 @@ def _open_sets(kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teac
 
 def _select_online(kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teacher, info: DatasetInfo,
                    directory: Path) -> list[SourceConfig]:
-    """Online D3: score and balance the extra images before training (kept in `directory`, by default in the run
-    directory, so a resumed run reuses it; every rank computes the same selection)."""
+    """Online D3: score and balance the extra images before training, once per run: every process of the launch
+    scores its own share of the extra shards on its own device, waits for the others' scores, and makes the same
+    selection (kept in `directory`, by default in the run directory, so a resumed run reuses it). The selector's
+    device memory is given back before training."""
     d3 = next((s for s in sources if s.selected), None)
     if d3 is None:
         return sources
     settings = selection_identity(kd) | {"extra_root": str(d3.root)}
     _check_selection(directory, settings)
-    score(build_selector(kd, info, teacher), d3.shards, directory, share=(0, 1), **score_args(kd))
-    selection = select(directory, d3.shards, label_names=info.label_names, threshold=settings["threshold"],
-                       per_class=settings["per_class"], identity=settings)
+    share = work_share()
+    selector = build_selector(kd, info, teacher)
+    try:
+        score(selector, d3.shards, directory, share=share, **score_args(kd))
+    finally:
+        release(selector)
+    selection = wait_for_selection(d3, directory, kd, info.label_names, share)
     return [with_selection(s, selection) if s.selected else s for s in sources]
 
 

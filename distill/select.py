@@ -147,7 +147,7 @@ def score(selector: Teacher, shards: Sequence[tuple[Path, int]], directory: Path
         block = chunk["block"]
         out = pending.setdefault(block, np.zeros(chunk["total"], SCORE_DTYPE))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            probs = torch.softmax(selector.logits(chunk["images"].to(device)).float(), dim=1)
+            probs = selector.probabilities(chunk["images"].to(device))
         conf, top = probs.max(dim=1)
         rows = out[chunk["offset"]:chunk["offset"] + len(chunk["ok"])]
         rows["cls"], rows["conf"] = top.cpu().numpy(), np.where(chunk["ok"], conf.cpu().numpy(), -1.0)

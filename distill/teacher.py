@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from data_pipes.errors import UserError
+from data_pipes.launch import local_device_index
 from train.nets.load import LoadError, Settings, load_network
 from train.nets.normalize import normalize_images, pixel_stats
 
@@ -71,6 +72,14 @@ class Teacher:
         x = normalize_images(images, self._mean, self._std, torch.channels_last)
         return self.model(x).float()
 
+    @torch.no_grad()
+    def probabilities(self, images: Tensor, temperature: float = 1.0) -> Tensor:
+        """softmax(logits / T) over the classes, in fp32: the network may run under bf16 autocast, the distribution
+        it is distilled into (and stored as top-k probabilities) is always computed from fp32 logits."""
+        logits = self.logits(images)
+        with torch.autocast(logits.device.type, enabled=False):
+            return torch.softmax(logits.float() / temperature, dim=1)
+
     def check_classes(self, label_names: tuple[str, ...], what: str) -> None:
         mine, theirs = list(self.label_names), list(label_names)
         if mine == theirs:
@@ -100,10 +109,26 @@ def load_teacher(spec: str | None, *, settings: Settings = TEACHER, weights: str
 
 
 def resolve_device(name: str) -> torch.device:
-    """kd.build.device: `auto` is the GPU when there is one."""
+    """kd.build.device: `auto` is this process's GPU when there is one, else the CPU; `cuda` (no index) is this
+    process's GPU too. Each process of a launch (torchrun workers, srun tasks) drives its own: its index on the node
+    among the GPUs it sees (one bound task sees only its own), and it is made the current device."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_device_index(torch.cuda.device_count()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def release(teacher: Teacher) -> None:
+    """Give back the device memory a network used before training (the training run puts its teacher on the
+    training device itself)."""
+    on_gpu = next(teacher.model.parameters()).is_cuda
+    teacher.to("cpu")
+    if on_gpu:
+        torch.cuda.empty_cache()
 
 
 def autocast_bf16(device: torch.device, precision: str) -> bool:

@@ -35,7 +35,9 @@ from distill.objectives import dense_targets
 from distill.reader import KDSets
 from distill.select import balance, missing_scores, score
 from distill.sources import build_teacher, source_configs
-from distill.teacher import load_teacher
+from distill.teacher import load_teacher, resolve_device
+from train.builders import labels_only
+from train.features import KnowledgeDistillation
 from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -413,3 +415,50 @@ def test_d3_scores_made_by_another_selector_are_refused_before_any_is_reused(tmp
         score(other, shards, tmp_path, share=(0, 1), **args)
     score(first, shards, tmp_path, share=(0, 1), **args)  # the same selector resumes
     assert missing_scores(tmp_path, shards) == []
+
+
+SRUN_TASK_1_OF_2 = {"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+                    "SLURM_LOCALID": "1", "SLURM_STEP_NUM_NODES": "1"}
+
+
+def test_each_process_of_a_build_launch_labels_only_its_share_of_the_blocks(tmp_path, synthetic_shards, teacher,
+                                                                           monkeypatch):
+    for key, value in SRUN_TASK_1_OF_2.items():  # the second of two srun tasks (torchrun workers alike)
+        monkeypatch.setenv(key, value)
+    sets = build(synthetic_shards, teacher, tmp_path / "sets")
+    blocks = len(read_info(synthetic_shards).shards("train"))
+    built = {s: sorted(int(p.stem.split("-")[1]) for p in (sets / s).glob("block-*.npy")) for s in ("d1", "d2")}
+    # block n of the list d1 + d2 belongs to share n mod 2
+    assert built == {"d1": [k for k in range(blocks) if k % 2 == 1],
+                     "d2": [k for k in range(blocks) if (blocks + k) % 2 == 1]}
+    assert not (sets / "manifest.json").exists()  # the other share's blocks are still to come
+
+
+def test_online_d3_scores_this_processs_share_and_waits_for_the_others(tmp_path, synthetic_shards, teacher,
+                                                                         monkeypatch):
+    for key, value in SRUN_TASK_1_OF_2.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_run(*kd_overrides(synthetic_shards, teacher, None, f"kd.extra_root={synthetic_shards}", *D3,
+                                    "distill=true", f"run_dir={tmp_path}", "kd.build.wait_minutes=0"))
+    feature = KnowledgeDistillation.from_config(cfg)
+    info = read_info(synthetic_shards)
+    data_config = {"input_size": [3, 32, 32], "crop_pct": 0.875, "interpolation": "bilinear",
+                   "mean": [0.5] * 3, "std": [0.25] * 3}
+    with pytest.raises(KDSetError, match="needs the scores of .* extra shards that other shares have not finished"):
+        feature.data(labels_only(cfg, info, data_config), info=info, data_config=data_config)
+    scored = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "kd_selection" / "scores").glob("block-*.npy"))
+    assert scored == [k for k in range(len(info.shards("train"))) if k % 2 == 1]  # its own share, once
+
+
+def test_each_process_drives_its_own_gpu_for_building_and_scoring(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(str(device)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    for key, value in {**SRUN_TASK_1_OF_2, "SLURM_LOCALID": "3"}.items():
+        monkeypatch.setenv(key, value)
+    assert str(resolve_device("auto")) == str(resolve_device("cuda")) == "cuda:3"
+    assert str(resolve_device("cuda:5")) == "cuda:5"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: a task sees its own only
+    assert str(resolve_device("auto")) == "cuda:0"
+    assert chosen == ["cuda:3", "cuda:3", "cuda:5", "cuda:0"]  # each made the current device
