@@ -39,7 +39,8 @@ CredType=cred/munge
 # a requeued job waits cred_expire + 1 s before it may start again (default 120 -> 122 s)
 AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# task/affinity binds each task to its CPUs, as production clusters do (tests check srun passes --cpus-per-task)
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/none

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_run
+from lightning.pytorch.loggers import WandbLogger
 from preemption import PreemptAt, PreemptBeforeValidation, Preemption, SignalAt
 
 import train.run as run_module
 from train.cluster.requeue import Requeued, Stopped
 from train.run import train
+from train.tracking.loggers import ServiceSafeWandbLogger, close_loggers
 
 STEPS_PER_EPOCH = 12  # 200 train images of the synthetic shards, batch 16
 
@@ -209,3 +211,22 @@ def test_a_requeue_signal_during_the_export_requeues_and_the_resumed_job_exports
     monkeypatch.undo()  # the requeued job starts again: training is done, so it exports
     metrics = run(synthetic_shards, tmp_path, "trainer.max_epochs=1", "export=true", "export_latency=false")
     assert (tmp_path / "export" / "metrics.json").is_file() and metrics["export/top1"] >= 0
+
+
+def test_a_run_outlives_the_wandb_service_that_a_jobs_sigterm_stopped(tmp_path, monkeypatch, caplog):
+    # Slurm's SIGTERM reaches W&B's service process too; it exits, and the run's next W&B call fails. The run must
+    # still reach its next safe step, checkpoint and stop (the CSV log keeps the rows).
+    calls = []
+
+    def service_gone(self, metrics, step=None):
+        calls.append(metrics)
+        raise ConnectionResetError("Connection lost")
+
+    monkeypatch.setattr(WandbLogger, "log_metrics", service_gone)
+    logger = ServiceSafeWandbLogger(project="p", mode="offline", save_dir=str(tmp_path))
+    with caplog.at_level("WARNING", logger="train.tracking.loggers"):
+        logger.log_metrics({"train/loss": 1.0}, step=1)
+        logger.log_metrics({"train/loss": 0.9}, step=2)  # dropped: the service is known to be gone
+        close_loggers([logger], success=True, preempted=True)
+    assert calls == [{"train/loss": 1.0}] and logger.lost
+    assert caplog.text.count("W&B: its service process is gone") == 1

@@ -260,3 +260,22 @@ def test_a_sweep_through_the_hydra_slurm_launcher_survives_submitits_usr2_and_bo
         metrics = json.loads((sweep / str(num) / "export" / "metrics.json").read_text())
         assert metrics["architecture"] == architecture and metrics["val_images"] == 16, metrics
         assert last(sweep / str(num))["global_step"] == 2 * 20
+
+
+@pytest.mark.parametrize("tasks, cpus", [(1, 2), (2, 1)])
+def test_each_task_of_the_sbatch_script_may_use_the_cpus_per_task_the_job_asked_for(tmp_path, tasks, cpus):
+    # The cluster binds tasks to CPUs (TaskPlugin=task/affinity, as production clusters do). PYTHON stands in for
+    # the interpreter: each task prints how many CPUs it may run on, where its loader workers would run.
+    interpreter = tmp_path / "affinity"
+    interpreter.write_text("#!/bin/bash\n"
+                           "echo \"TASK $SLURM_PROCID CPUS $(nproc)\"\n")
+    interpreter.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(interpreter)}
+    done = subprocess.run(["sbatch", "--parsable", f"--ntasks-per-node={tasks}", f"--cpus-per-task={cpus}",
+                           "--time=2", f"--chdir={tmp_path}", str(REPO / "slurm" / "train.sbatch"), "model=mnv3_s_075"],
+                          capture_output=True, text=True, env=env, check=True)
+    job = done.stdout.strip().split(";")[0]
+    assert wait_done(job, timeout=120)["JobState"] == "COMPLETED"
+    lines = sorted(line for line in (tmp_path / f"slurm-{job}.out").read_text().splitlines()
+                   if line.startswith("TASK"))
+    assert lines == [f"TASK {t} CPUS {cpus}" for t in range(tasks)]

@@ -42,6 +42,25 @@ def test_srun_without_ntasks_per_node_reads_slurms_tasks_per_node_or_divides(env
     assert topology.resolve("auto", "auto") == (2, 8)  # 16 tasks over 2 nodes
 
 
+@pytest.mark.parametrize("visible", [8, 1], ids=["tasks_see_every_gpu", "one_gpu_bound_per_task"])
+def test_srun_tasks_bound_to_one_gpu_each_drive_the_gpu_they_see(environ, monkeypatch, visible):
+    environ({**SLURM, "SLURM_NNODES": "2"})
+    monkeypatch.setattr(topology.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(topology.torch.cuda, "device_count", lambda: visible)
+    environment = topology.slurm_environment()
+    if visible == 8:  # Lightning's own: task k of the node drives cuda:k, 8 devices a node
+        assert topology.resolve("auto", "auto") == (2, 8) and type(environment) is topology.SLURMEnvironment
+        assert environment.local_rank() == 3
+        return
+    # --gpus-per-task=1: task 3 sees one GPU, its own; one device a process, global rank and world size Slurm's
+    assert topology.resolve("auto", "auto") == (2, 1)
+    assert isinstance(environment, topology.DeviceBoundSLURMEnvironment) and not environment.auto_requeue
+    assert (environment.local_rank(), environment.global_rank(), environment.world_size()) == (0, 3, 16)
+    environment.validate_settings(num_devices=1, num_nodes=2)  # Lightning's check passes with one device a task
+    with pytest.raises(ValueError, match="num_nodes"):
+        environment.validate_settings(num_devices=1, num_nodes=3)
+
+
 def test_torchrun_workers_give_nodes_and_processes_per_node(environ):
     environ(TORCHRUN)
     assert topology.launched() == topology.Launch("torchrun", nodes=3, processes_per_node=4)

@@ -10,7 +10,6 @@ import math
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 from timm.data import resolve_model_data_config
 
@@ -130,7 +129,6 @@ def trainer_kwargs(cfg: DictConfig, features: Features) -> dict[str, Any]:
 
 
 def plugins() -> list:
-    plugins: list = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():  # our RequeueOnSignal checkpoints and requeues; Lightning's own would too, mid-step
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    return plugins
+    """Atomic, safe checkpoint I/O, and under Slurm its environment (train.cluster.topology)."""
+    environment = topology.slurm_environment()
+    return [AtomicCheckpointIO(), *([environment] if environment is not None else [])]

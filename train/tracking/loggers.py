@@ -7,9 +7,10 @@ switches, so the W&B table can be filtered and grouped by any of them.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 from train.tracking.axes import EPOCH, IMAGES_SEEN
+
+log = logging.getLogger(__name__)
 
 AXES = ("step", EPOCH, IMAGES_SEEN)  # in every row: they say where a row is, not what it logged
 
@@ -98,6 +101,36 @@ class ContinueLogs(Callback):
                 logger.experiment.resume_step = trainer.global_step
 
 
+class ServiceSafeWandbLogger(WandbLogger):
+    """Lightning's WandbLogger, made to outlive W&B's service process. Slurm signals every process of a job step,
+    and W&B's service (wandb-core) exits on SIGTERM whatever signal mask or disposition it inherits; the run's next
+    W&B call then raises a connection error, from whatever logging step it is in, before the run reaches the safe
+    step where it checkpoints and stops (`train.cluster.requeue`). Here the run carries on: the first such error is
+    a warning, and every later W&B call of this segment is dropped (the CSV log and the checkpoint keep everything;
+    the W&B rows of a SIGTERM-ed segment are lost either way)."""
+
+    lost = False
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        wandb_call(self, lambda: super(ServiceSafeWandbLogger, self).log_metrics(metrics, step))
+
+    def log_hyperparams(self, params: Any) -> None:
+        wandb_call(self, lambda: super(ServiceSafeWandbLogger, self).log_hyperparams(params))
+
+
+def wandb_call(logger: Logger, call: Callable[[], Any]) -> Any:
+    """`call()` on a W&B logger, unless its service is gone (see `ServiceSafeWandbLogger`): then nothing."""
+    if getattr(logger, "lost", False):
+        return None
+    try:
+        return call()
+    except (ConnectionError, BrokenPipeError) as e:
+        logger.lost = True
+        log.warning("W&B: its service process is gone (%s: %s; a job's SIGTERM stops it): this segment's W&B calls "
+                    "are dropped from here; the CSV log and the checkpoints are complete", type(e).__name__, e)
+        return None
+
+
 @dataclass(frozen=True)
 class RunIdentity:
     model_key: str
@@ -135,7 +168,7 @@ def build_loggers(
         os.environ["WANDB_MODE"] = mode
         # One W&B run per run directory: a restart (requeue, ckpt_path=last) continues the same run id, and its
         # curves continue on trainer/global_step (WandbLogger's step metric), which the checkpoint restores.
-        logger = WandbLogger(
+        logger = ServiceSafeWandbLogger(
             project=project, entity=entity, name=identity.name, group=identity.group, tags=identity.tags,
             save_dir=str(run_dir), job_type="train", config=config, id=wandb_run_id(run_dir), resume="allow",
         )
@@ -166,7 +199,7 @@ def wandb_run_id(run_dir: Path) -> str:
 def record_summary(loggers: Sequence[Logger], values: dict[str, Any]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            logger.experiment.summary.update(values)
+            wandb_call(logger, lambda logger=logger: logger.experiment.summary.update(values))
 
 
 def close_loggers(loggers: Sequence[Logger], *, success: bool, preempted: bool = False) -> None:
@@ -174,9 +207,9 @@ def close_loggers(loggers: Sequence[Logger], *, success: bool, preempted: bool =
     exits, and a run left open is reused by the next WandbLogger of the process). `preempted`: W&B marks the run
     preempting (it resumes under the same id)."""
     for logger in loggers:
-        logger.finalize("success" if success else "failed")
+        wandb_call(logger, lambda logger=logger: logger.finalize("success" if success else "failed"))
         if isinstance(logger, WandbLogger) and logger._experiment is not None and rank_zero_only.rank == 0:
             if preempted:
-                logger.experiment.mark_preempting()
-            logger.experiment.finish(exit_code=0 if success else 1)
+                wandb_call(logger, logger.experiment.mark_preempting)
+            wandb_call(logger, lambda logger=logger: logger.experiment.finish(exit_code=0 if success else 1))
             logger._experiment = None  # a later use starts (resumes) the run again instead of logging to a closed one
