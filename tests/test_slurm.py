@@ -279,3 +279,51 @@ def test_each_task_of_the_sbatch_script_may_use_the_cpus_per_task_the_job_asked_
     lines = sorted(line for line in (tmp_path / f"slurm-{job}.out").read_text().splitlines()
                    if line.startswith("TASK"))
     assert lines == [f"TASK {t} CPUS {cpus}" for t in range(tasks)]
+
+
+@pytest.fixture(scope="module")
+def one_bad_shard(tmp_path_factory) -> Path:
+    """Shards of 4 x 40 training images in 4 shards, one of them not a tar: the rank that reads it fails."""
+    from data_pipes.shards.make import make_shards
+    from data_pipes.shards.synthetic import make_image_folder
+
+    tmp = tmp_path_factory.mktemp("bad-shard")
+    images = make_image_folder(tmp / "images", num_classes=4, train_per_class=40, val_per_class=4, size=40)
+    make_shards(images, tmp / "shards", samples_per_shard=40, workers=1, progress=False)
+    (tmp / "shards" / "train-000002.tar").write_bytes(b"not a tar" * 100)
+    return tmp / "shards"
+
+
+@pytest.mark.parametrize("launch", ["sbatch_script", "sweep_launcher"])
+def test_a_bad_shard_on_one_rank_stops_every_rank_promptly_with_the_error(tmp_path, one_bad_shard, launch):
+    # The other rank would otherwise wait in its next collective for gloo's (NCCL's) 30-minute timeout.
+    overrides = [f"data.root={one_bad_shard}", *OVERRIDES[:-2], "data.shuffle_window=40", "logger.wandb.enabled=false"]
+    start = time.monotonic()
+    if launch == "sbatch_script":
+        state = wait_done(submit(tmp_path, *overrides), timeout=240)
+        logs = list(tmp_path.glob("slurm-*.out"))
+        assert state["JobState"] == "FAILED", state
+    else:  # submitit's own srun, through the Hydra SLURM launcher; the sweep's job is what must end
+        env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+        sweeper = subprocess.Popen([sys.executable, "-m", "train", "-m", "hydra/launcher=slurm",
+                                    f"hydra.sweep.dir={tmp_path}", "hydra.launcher.timeout_min=10",
+                                    "hydra.launcher.cpus_per_task=1", "hydra.launcher.tasks_per_node=2", *overrides],
+                                   cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not (jobs := sorted(p for p in tmp_path.glob(".submitit/*") if p.is_dir())) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert jobs, f"no submitit job under {tmp_path}"
+            state = wait_done(jobs[0].name, timeout=240)
+        finally:
+            sweeper.kill()  # without Slurm accounting (this cluster) submitit cannot read a failed job's state
+        logs = list(tmp_path.glob(".submitit/*/*_log.*"))
+        assert state["JobState"] == "FAILED", state
+        # On gloo a peer's closed socket already ends the others; NCCL ranks would wait for their timeout, so the
+        # step must end on the first failed task: submitit's srun is told so (and the CPUs per task) by the setup.
+        script = next(jobs[0].glob("*_submission.sh")).read_text()
+        assert "export SLURM_KILL_BAD_EXIT=1" in script and "export SRUN_CPUS_PER_TASK=" in script, script
+    assert time.monotonic() - start < 200
+    text = "".join(log.read_text(errors="replace") for log in logs)
+    assert "cannot read shard" in text and "train-000002.tar" in text, text[-3000:]
