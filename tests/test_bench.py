@@ -106,3 +106,18 @@ def test_bad_counts_are_refused(argv):
     for main in (loader_main, train_main):
         with pytest.raises(SystemExit):
             main(argv)
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_check_on_the_cpu_and_prints_one_table(synthetic_folder, tmp_path, capsys):
+    from bench.gpu_check import main
+
+    # CI has no copy of timm's train.py (it is not in timm's wheel): that row says so, and the rest run.
+    assert main(["--device", "cpu", "--smoke", "--src", str(synthetic_folder), "--cache-dir", str(tmp_path),
+                 "--timm-train", str(tmp_path / "no-timm-here.py")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| check")]
+    assert len(rows) == 11 and not any("FAILED" in row for row in rows), out
+    assert any("resume on cpu: killed epoch end | equal to the uninterrupted run" in row for row in rows), out
+    assert any("timm train.py | not run: timm's train.py not found" in row for row in rows), out
+    assert last_line(out) == "GPU check: every check passed (smoke, cpu)"
