@@ -267,8 +267,9 @@ def test_each_task_of_the_sbatch_script_may_use_the_cpus_per_task_the_job_asked_
     # The cluster binds tasks to CPUs (TaskPlugin=task/affinity, as production clusters do). PYTHON stands in for
     # the interpreter: each task prints how many CPUs it may run on, where its loader workers would run.
     interpreter = tmp_path / "affinity"
-    interpreter.write_text("#!/bin/bash\n"
-                           "echo \"TASK $SLURM_PROCID CPUS $(nproc)\"\n")
+    interpreter.write_text("#!/bin/bash\n"  # the CPUs the task may run on (not nproc: it reads OMP_NUM_THREADS)
+                           f"echo \"TASK $SLURM_PROCID CPUS $({sys.executable} -c "
+                           "'import os; print(len(os.sched_getaffinity(0)))')\"\n")
     interpreter.chmod(0o755)
     env = {**os.environ, "PYTHON": str(interpreter)}
     done = subprocess.run(["sbatch", "--parsable", f"--ntasks-per-node={tasks}", f"--cpus-per-task={cpus}",
