@@ -105,6 +105,51 @@ def test_validation_covers_every_sample_exactly_once_over_ranks(n, world, batch)
     assert counts == [val_batches_per_rank(n, world, batch)] * world
 
 
+@pytest.mark.parametrize("lengths", [(1,), (5, 3), UNEVEN, (64, 64), (65,), (200, 1, 999)])
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_the_chunked_epoch_order_holds_every_sample_once(lengths, chunk):
+    layout = EpochLayout(lengths, seed=2, epoch=5, shuffle=True, chunk=chunk)
+    n = sum(lengths)
+    sources = layout.source_positions(np.arange(n))
+    assert sorted(sources.tolist()) == list(range(n))
+    shard, local = layout.locate_many(np.arange(n))
+    assert all(0 <= i < lengths[s] for s, i in zip(shard, local))
+
+
+def test_a_window_is_read_as_runs_of_one_shard_that_cover_it_exactly():
+    layout = EpochLayout((300, 7, 500, 90), seed=1, epoch=2, shuffle=True, chunk=16)
+    runs = layout.runs(100, 612)
+    assert sum(end - first for _, first, end, _ in runs) == 512
+    for shard, first, end, position in runs:
+        assert [layout.locate(position + i) for i in range(end - first)] == [(shard, i) for i in range(first, end)]
+    assert len(runs) <= 512 // 16 + 2 + 3  # a chunk is one run unless it crosses a shard end
+
+
+def test_a_training_batch_draws_from_many_shards_and_batch_mates_rarely_meet_again():
+    # ImageNet-like shards (1,281 samples), a 1024-sample shuffle window cut into batches of 128: a batch takes
+    # ~8 samples from each of 16 chunks all over the data. Read in shard order it would be 1-2 shards and every
+    # pair would meet again each epoch; fully random, 128 / N of them would.
+    lengths, batch, window = [1281] * 100, 128, 1024
+    n = sum(lengths)
+
+    def epoch_batches(epoch):
+        layout = EpochLayout(lengths, seed=0, epoch=epoch, shuffle=True)
+        return [layout.source_positions(np.asarray(w.positions[i:i + batch]))
+                for w in train_windows(n, 1, 0, batch, window, seed=0, epoch=epoch)
+                for i in range(0, len(w.positions), batch)]
+
+    first, second = epoch_batches(0), epoch_batches(1)
+    starts = np.cumsum([0] + lengths)
+    shards = [len(np.unique(np.searchsorted(starts, b, side="right"))) for b in first]
+    assert np.median(shards) >= 14
+    batch_of = np.empty(n, dtype=np.int64)
+    for i, b in enumerate(second):
+        batch_of[b] = i
+    meet_again = [(c * (c - 1)).sum() / (len(b) * (len(b) - 1))
+                  for b in first for c in [np.unique(batch_of[b], return_counts=True)[1]]]
+    assert np.mean(meet_again) < 0.02
+
+
 def test_validation_reads_the_dataset_in_order():
     layout = EpochLayout.build(UNEVEN, seed=5, epoch=9, shuffle=False)
     assert [layout.locate(p) for p in range(4)] == [(0, 0), (0, 1), (0, 2), (0, 3)]
@@ -331,9 +376,10 @@ def test_bad_validation_samples_are_not_counted_as_evaluated(tmp_path):
 
 
 def test_a_batch_with_no_good_sample_borrows_one_so_shapes_stay_static(tmp_path):
-    bad = {sample_key("train", 0, i): "empty" for i in range(4)}
-    root = write_shards(tmp_path / "b", (4, 4), (2,), num_classes=NUM_CLASSES, bad=bad)
-    stream = make_stream(root, batch_size=4, shuffle_window=4, max_bad_fraction=0.6)
+    # Validation reads in dataset order: its first batch is the first shard, every sample of which is bad.
+    bad = {sample_key("val", 0, i): "empty" for i in range(4)}
+    root = write_shards(tmp_path / "b", (8,), (4, 4), num_classes=NUM_CLASSES, bad=bad)
+    stream = make_stream(root, split="val", batch_size=4, shuffle_window=4, max_bad_fraction=0.6)
     batches = list(ShardLoader(stream, num_workers=0))
     assert [int(b["bad"]) for b in sorted(batches, key=lambda b: -int(b["bad"]))] == [4, 0]
     assert all(b["image"].shape == (4, 3, 16, 16) for b in batches)

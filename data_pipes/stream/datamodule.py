@@ -22,6 +22,7 @@ from data_pipes.shards.metadata import read_info
 from data_pipes.stream.health import DataHealthMonitor
 from data_pipes.stream.loader import DataError, ShardLoader, ShardStream, Transform, stream_batches
 from data_pipes.stream.mixture import MixtureLoader, MixtureStream
+from data_pipes.stream.plan import ORDER_VERSION
 
 __all__ = ["DataHealthMonitor", "MixtureDataModule", "ShardDataModule", "build_eval_loader"]
 # Samples a loader worker of an evaluation (build_eval_loader) reads as one run of a shard.
@@ -179,6 +180,7 @@ class ShardDataModule(LightningDataModule):
             "batch_size": self.batch_size,
             "shuffle_window": self.shuffle_window,
             "seed": self.seed,
+            "order": ORDER_VERSION,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -262,7 +264,7 @@ class MixtureDataModule(ShardDataModule):
 
     def _mixture_identity(self) -> dict:
         return {"epoch_samples": self.epoch_samples, "world_size": self.world_size, "batch_size": self.batch_size,
-                "seed": self.seed}
+                "seed": self.seed, "order": ORDER_VERSION}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict or not state_dict.get("mixture"):

@@ -35,15 +35,13 @@ from data_pipes.shards.read import ShardIndex, ShardIndexCache, read_run
 from data_pipes.stream.plan import (
     BatchRef,
     EpochLayout,
-    Window,
+    WindowPlan,
     augment_seed,
     deliver,
     progress_of,
     resume_streams,
     train_batches_per_rank,
-    train_windows,
     val_batches_per_rank,
-    val_windows,
     window_size,
 )
 
@@ -90,7 +88,7 @@ class ShardStream(IterableDataset):
         self.max_bad_fraction, self.split = max_bad_fraction, split or ("train" if train else "val")
         self.window = window_size(batch_size, shuffle_window)
         self._check_size()
-        self.window_batches = tuple(len(w.positions) // batch_size for w in self.windows(0))
+        self.window_batches = self.windows(0).batches
         # Written by the main process before each iter(); read by (persistent) workers when their iterator starts.
         self._epoch = multiprocessing.RawValue("q", 0)
         self._done = multiprocessing.RawArray("q", max(1, len(self.window_batches)))
@@ -109,12 +107,10 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return sum(self.window_batches)
 
-    def windows(self, epoch: int) -> list[Window]:
-        if self.train:
-            return train_windows(
-                self.num_samples, self.world_size, self.rank, self.batch_size, self.window, self.seed, epoch
-            )
-        return val_windows(self.num_samples, self.world_size, self.rank, self.batch_size, self.window)
+    def windows(self, epoch: int) -> WindowPlan:
+        """This rank's windows of `epoch`, each made when it is read (one window in memory, not the epoch)."""
+        return WindowPlan(self.num_samples, self.world_size, self.rank, self.batch_size, self.window,
+                          train=self.train, seed=self.seed, epoch=epoch)
 
     def layout(self, epoch: int) -> EpochLayout:
         return EpochLayout.build(self.lengths, self.seed, epoch, shuffle=self.train)
@@ -175,14 +171,14 @@ class ShardStream(IterableDataset):
         """Raw samples of the positions in `items`: position -> (label, sample dict or failure reason)."""
         wanted = {p for p, _ in items}
         records: dict[int, tuple] = {}
-        for shard, first, end, base in layout.runs(min(wanted), max(wanted) + 1):
+        for shard, first, end, position in layout.runs(min(wanted), max(wanted) + 1):
             path = self.paths[shard]
             index = self._cache.get(path)
             health.check_shard(path, index, self.lengths[shard])
             name = Path(path).name
             for local, sample in read_run(path, index, first, end):
-                if base + local in wanted:
-                    records[base + local] = (f"{name}#{local}", sample)
+                if position + local - first in wanted:
+                    records[position + local - first] = (f"{name}#{local}", sample)
         return records
 
     def _decode(self, record: tuple) -> tuple[str, np.ndarray | None, int, str | None]:
@@ -226,7 +222,7 @@ class ShardStream(IterableDataset):
 
     def _find_reserve(self, layout: EpochLayout, bad_keys: list[str]) -> tuple[np.ndarray, int]:
         """A decodable sample to stand in for a batch with none: the first one found, shard by shard."""
-        for shard in layout.order:
+        for shard in range(len(self.paths)):
             path = self.paths[shard]
             for local, sample in read_run(path, self._cache.get(path), 0, min(8, self.lengths[shard])):
                 _, image, target, reason = self._decode((f"{Path(path).name}#{local}", sample))

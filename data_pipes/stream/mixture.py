@@ -176,23 +176,47 @@ class ViewSource:
 # ------------------------------------------------------------------------------------------------ the stream
 
 
+class PassOrder:
+    """The members rank `rank` visits in pass `pass_` of a source, in order, made on demand.
+
+    The pass's member sequence is the source's blocks (shards) as an epoch of the labels-only stream orders its
+    shards (`plan.EpochLayout`: chunks of consecutive members from all blocks, in a seeded order; members are
+    numbered block after block); the rank takes its contiguous N // world share, shuffled in windows of `window`.
+    Memory: one window's permutation, whatever the source's size (130M D3 members: still one window)."""
+
+    def __init__(self, block_sizes: Sequence[int], world_size: int, rank: int, seed: int, pass_: int,
+                 window: int) -> None:
+        self.layout = EpochLayout(block_sizes, seed, pass_, shuffle=True)
+        self.per_rank = self.layout.num_samples // world_size
+        self.base, self.window, self.key = rank * self.per_rank, window, (seed, pass_, rank)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def _window(self, w: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != w:
+            length = min(self.window, self.per_rank - w * self.window)
+            self._perm = (w, np.random.default_rng([_PASS_SALT, *self.key, w]).permutation(length))
+        return self._perm[1]
+
+    def members(self, first: int, end: int) -> np.ndarray:
+        """Members at indices [first, end) of the rank's order (member = position in the source's sequence)."""
+        positions = []
+        for w in range(first // self.window, (end - 1) // self.window + 1):
+            lo, hi = max(first, w * self.window), min(end, (w + 1) * self.window)
+            positions.append(self.base + w * self.window + self._window(w)[lo - w * self.window:hi - w * self.window])
+        return self.layout.source_positions(np.concatenate(positions))
+
+    def __getitem__(self, j: int) -> int:
+        return int(self.members(j, j + 1)[0])
+
+
 def pass_order(block_sizes: Sequence[int], world_size: int, rank: int, seed: int, pass_: int,
                window: int) -> np.ndarray:
-    """Member indices rank `rank` visits in pass `pass_`, in order: blocks in a seeded order, the rank's contiguous
-    share of N // world, shuffled in windows of `window` members."""
-    layout = EpochLayout.build(block_sizes, seed, pass_, shuffle=True)
-    starts = np.cumsum([0] + list(block_sizes))
-    per_rank = layout.num_samples // world_size
-    positions = np.arange(rank * per_rank, (rank + 1) * per_rank, dtype=np.int64)
-    rng = np.random.default_rng([_PASS_SALT, seed, pass_, rank])
-    for first in range(0, per_rank, window):
-        part = positions[first:first + window]
-        positions[first:first + window] = part[rng.permutation(len(part))]
-    # position -> (block in the pass's order, offset) -> member index (blocks numbered in source order)
-    layout_starts = np.asarray(layout.starts, dtype=np.int64)
-    slot = np.searchsorted(layout_starts, positions, side="right") - 1
-    blocks = np.asarray(layout.order, dtype=np.int64)[slot]
-    return starts[blocks] + (positions - layout_starts[slot])
+    """Every member of the rank's pass, in order (tests and small sources; training reads `PassOrder` lazily)."""
+    order = PassOrder(block_sizes, world_size, rank, seed, pass_, window)
+    return order.members(0, len(order)) if len(order) else np.zeros(0, dtype=np.int64)
 
 
 class MixtureStream(IterableDataset):
@@ -232,7 +256,7 @@ class MixtureStream(IterableDataset):
                 raise DataError(f"kd source {name} has {sum(sizes)} samples, fewer than the {world_size} ranks")
         self._epoch = multiprocessing.RawValue("q", 0)
         self._start = multiprocessing.RawValue("q", 0)
-        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self._orders: dict[tuple[int, int], PassOrder] = {}
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -256,19 +280,22 @@ class MixtureStream(IterableDataset):
         items = []
         for s, (first, n) in enumerate(zip(before, counts)):
             per_rank = self.per_rank(s)
-            for i in range(first, first + n):
+            i = first
+            while i < first + n:  # a batch's share of a source may run from one pass into the next
                 pass_, j = divmod(i, per_rank)
-                items.append(Item(s, int(self._order(s, pass_)[j]), pass_))
+                take = min(first + n - i, per_rank - j)
+                items += [Item(s, int(m), pass_) for m in self._order(s, pass_).members(j, j + take)]
+                i += take
         return items
 
-    def _order(self, source: int, pass_: int) -> np.ndarray:
+    def _order(self, source: int, pass_: int) -> PassOrder:
         key = (source, pass_)
         if key not in self._orders:
             if len(self._orders) >= 2 * len(self.sources):  # a worker keeps the passes it is in, not all of them
                 self._orders.pop(next(iter(self._orders)))
             seed = self.seed * 1000 + source
-            self._orders[key] = pass_order(self.block_sizes[source], self.world_size, self.rank, seed, pass_,
-                                           self.window)
+            self._orders[key] = PassOrder(self.block_sizes[source], self.world_size, self.rank, seed, pass_,
+                                          self.window)
         return self._orders[key]
 
     def __iter__(self) -> Iterator[dict]:

@@ -4,28 +4,34 @@ Everything here is a pure function of (shard lengths, seed, epoch, world size, b
 every rank and every loader worker computes the same plan without talking to the others, and a checkpoint only
 needs to store how far into the plan training got.
 
-Vocabulary: a *position* indexes the epoch's sample sequence (shards in the epoch's order, samples in tar order).
-A rank's positions are cut into *windows* (a multiple of the batch size); a window is emitted in a seeded
-permutation and is the unit a loader worker reads. A worker *stream* is the list of (window, batch-in-window)
-pairs it yields, and the DataLoader delivers the workers' batches round-robin, skipping exhausted workers.
+Vocabulary: a *position* indexes the epoch's sample sequence (`EpochLayout`: chunks of consecutive samples, from
+all shards, in a seeded order; validation: the dataset's order). A rank's positions are cut into *windows* (a
+multiple of the batch size); a window is emitted in a seeded permutation and is the unit a loader worker reads.
+A worker *stream* is the list of (window, batch-in-window) pairs it yields, and the DataLoader delivers the
+workers' batches round-robin, skipping exhausted workers.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 
 import numpy as np
 
-# Distinct seed-sequence salts keep the shard shuffle and the window permutations statistically independent.
+# Distinct seed-sequence salts keep the chunk order and the window permutations statistically independent.
 _SHARD_SALT = 0x5EED_0001
 _WINDOW_SALT = 0x5EED_0002
 _AUG_SALT = 0x5EED_0003
 
 BatchRef = tuple[int, int]  # (window index, batch index inside the window)
+# Consecutive samples of a shard read as one run and kept together in the epoch's order: large enough for one
+# seek and one decompression-friendly read per run, small enough that a window mixes many shards.
+CHUNK = 64
+_ROUNDS = 4  # Feistel rounds of the chunk permutation
+# Bumped whenever the same (lengths, seed, epoch) maps to other samples, so a checkpoint taken mid-epoch under an
+# older order is recognised (its per-window progress means other samples now) instead of silently misread.
+ORDER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -43,44 +49,117 @@ def window_size(batch_size: int, shuffle_window: int) -> int:
     return batch_size * max(1, math.ceil(shuffle_window / batch_size))
 
 
-def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """Shard indices in the epoch's reading order; the same (seed, epoch) always gives the same order."""
-    if not shuffle:
-        return list(range(num_shards))
-    rng = np.random.default_rng([_SHARD_SALT, seed, epoch])
-    return [int(i) for i in rng.permutation(num_shards)]
+def _round_keys(*key: int) -> tuple[int, ...]:
+    return tuple(int(k) for k in np.random.SeedSequence(list(key)).generate_state(_ROUNDS, dtype=np.uint64))
 
 
-@dataclass(frozen=True)
+def _mix(values: np.ndarray, key: int, mask: np.uint64) -> np.ndarray:
+    """A keyed hash of each value (splitmix64's finaliser), cut to `mask`."""
+    with np.errstate(over="ignore"):
+        z = values ^ np.uint64(key)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (z ^ (z >> np.uint64(31))) & mask
+
+
+def _feistel_bits(n: int) -> int:
+    return max(1, ((max(2, n) - 1).bit_length() + 1) // 2)
+
+
+def permute(values: np.ndarray | Sequence[int], n: int, keys: tuple[int, ...]) -> np.ndarray:
+    """A seeded bijection of [0, n) evaluated at `values`, without materialising it: a Feistel network on the
+    smallest even power of two >= n, cycle-walked back into [0, n). O(1) memory, a few passes per value."""
+    half = _feistel_bits(n)
+    mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
+    y = np.asarray(values, dtype=np.uint64).copy()
+    todo = np.ones(len(y), dtype=bool)
+    while todo.any():
+        left, right = y[todo] >> shift, y[todo] & mask
+        for key in keys:
+            left, right = right, left ^ _mix(right, key, mask)
+        y[todo] = (left << shift) | right
+        todo = y >= np.uint64(n)
+    return y.astype(np.int64)
+
+
+def unpermute(values: np.ndarray | Sequence[int], n: int, keys: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `permute` (the same keys): the slot each value is found at."""
+    half = _feistel_bits(n)
+    mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
+    y = np.asarray(values, dtype=np.uint64).copy()
+    todo = np.ones(len(y), dtype=bool)
+    while todo.any():
+        left, right = y[todo] >> shift, y[todo] & mask
+        for key in reversed(keys):
+            left, right = right ^ _mix(left, key, mask), left
+        y[todo] = (left << shift) | right
+        todo = y >= np.uint64(n)
+    return y.astype(np.int64)
+
+
 class EpochLayout:
-    """Maps an epoch position to (shard index, sample index inside that shard)."""
+    """The epoch's sample sequence: epoch position -> source position (shards concatenated in metadata order) ->
+    (shard, sample index in the shard).
 
-    order: tuple[int, ...]
-    starts: tuple[int, ...]  # first position of each shard of `order`
-    num_samples: int
+    Shuffled (training): the source sequence, rotated by a seeded offset, is cut into chunks of `chunk` consecutive
+    samples (the last one shorter), and the chunks are read in a seeded order. So a window of W consecutive epoch
+    positions is W / chunk runs from all over the data (at ImageNet's ~1,250 samples a shard, each run from another
+    shard), each read in one go; and because the offset moves the chunk boundaries every epoch, a sample's
+    chunk-mates, its only likely batch-mates again, change too. Not shuffled (validation): the source order.
+    Nothing is materialised: the chunk order is a Feistel permutation evaluated per position. Memory: the shard
+    starts, O(shards) (8 KB for ImageNet's 1,000 shards), whatever the number of samples.
+    """
+
+    def __init__(self, shard_lengths: Sequence[int], seed: int, epoch: int, shuffle: bool,
+                 chunk: int = CHUNK) -> None:
+        self.shard_starts = np.concatenate([[0], np.cumsum(np.asarray(shard_lengths, dtype=np.int64))])
+        self.num_samples = int(self.shard_starts[-1])
+        self.shuffle = shuffle and self.num_samples > 0
+        self.chunk = chunk
+        if self.shuffle:
+            n, chunks = self.num_samples, -(-self.num_samples // chunk)
+            self.chunks, self.tail = chunks, n - (chunks - 1) * chunk
+            self.keys = _round_keys(_SHARD_SALT, seed, epoch)
+            self.offset = int(np.random.default_rng([_SHARD_SALT, seed, epoch]).integers(n))
+            # The short last chunk sits at this slot: positions after it are one short chunk's length earlier.
+            self.tail_slot = int(unpermute([chunks - 1], chunks, self.keys)[0])
 
     @classmethod
     def build(cls, shard_lengths: Sequence[int], seed: int, epoch: int, shuffle: bool) -> EpochLayout:
-        order = shard_order(len(shard_lengths), seed, epoch, shuffle)
-        starts = tuple(accumulate((shard_lengths[i] for i in order), initial=0))
-        return cls(order=tuple(order), starts=starts[:-1], num_samples=starts[-1])
+        return cls(shard_lengths, seed, epoch, shuffle)
+
+    def source_positions(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
+        p = np.asarray(positions, dtype=np.int64)
+        if not self.shuffle:
+            return p
+        c, cut = self.chunk, self.tail_slot * self.chunk
+        after = p >= cut + self.tail
+        slot = np.where(after, self.tail_slot + 1 + (p - cut - self.tail) // c, p // c)
+        within = np.where(after, (p - cut - self.tail) % c, p - slot * c)
+        chunk = permute(slot, self.chunks, self.keys)
+        return (chunk * c + within + self.offset) % self.num_samples
+
+    def locate_many(self, positions: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        q = self.source_positions(positions)
+        shard = np.searchsorted(self.shard_starts, q, side="right") - 1
+        return shard, q - self.shard_starts[shard]
 
     def locate(self, position: int) -> tuple[int, int]:
-        k = bisect_right(self.starts, position) - 1
-        return self.order[k], position - self.starts[k]
+        shard, local = self.locate_many([position])
+        return int(shard[0]), int(local[0])
 
     def runs(self, first: int, end: int) -> list[tuple[int, int, int, int]]:
-        """(shard, first local index, end local index, shard's first position) for each shard that positions
-        [first, end) touch."""
-        out = []
-        pos = first
-        while pos < end:
-            k = bisect_right(self.starts, pos) - 1
-            shard_end = self.starts[k + 1] if k + 1 < len(self.starts) else self.num_samples
-            stop = min(end, shard_end)
-            out.append((self.order[k], pos - self.starts[k], stop - self.starts[k], self.starts[k]))
-            pos = stop
-        return out
+        """(shard, first sample, end sample, epoch position of the first) of each run of consecutive samples of one
+        shard that positions [first, end) cover, in position order."""
+        if end <= first:
+            return []
+        positions = np.arange(first, end, dtype=np.int64)
+        shard, local = self.locate_many(positions)
+        # A run continues while the shard stays and the sample index goes up by one.
+        breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(local) != 1)) + 1
+        bounds = np.concatenate([[0], breaks, [len(positions)]])
+        return [(int(shard[a]), int(local[a]), int(local[b - 1]) + 1, int(positions[a]))
+                for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def train_batches_per_rank(num_samples: int, world_size: int, batch_size: int) -> int:
@@ -97,37 +176,58 @@ def _window_permutation(seed: int, epoch: int, rank: int, index: int, length: in
     return np.random.default_rng([_WINDOW_SALT, seed, epoch, rank, index]).permutation(length)
 
 
+class WindowPlan:
+    """One rank's windows of an epoch, each made when it is read: memory is one window, not the epoch.
+
+    Training: rank r reads block [r*P, r*P + n*B) of the epoch (P = N // world, n*B its whole batches), cut into
+    windows of `window` positions, each in a seeded permutation. Validation: rank r owns positions
+    [r*Q, min((r+1)*Q, N)) with Q = ceil(N / world), in dataset order, padded to whole batches with `valid=False`
+    repeats of its last position (the dataset's last when it owns none): over all ranks every position once.
+    """
+
+    def __init__(self, num_samples: int, world_size: int, rank: int, batch_size: int, window: int, *, train: bool,
+                 seed: int = 0, epoch: int = 0) -> None:
+        self.world_size, self.rank, self.batch_size, self.window = world_size, rank, batch_size, window
+        self.train, self.seed, self.epoch = train, seed, epoch
+        if train:
+            per_rank = num_samples // world_size
+            self.base, self.real = rank * per_rank, (per_rank // batch_size) * batch_size
+            self.padded = self.real
+        else:
+            per_rank = math.ceil(num_samples / world_size)
+            self.base = min(rank * per_rank, num_samples)
+            self.real = min((rank + 1) * per_rank, num_samples) - self.base
+            self.padded = val_batches_per_rank(num_samples, world_size, batch_size) * batch_size
+            self.pad_position = self.base + self.real - 1 if self.real else num_samples - 1
+        self.batches = tuple(min(window, self.padded - offset) // batch_size
+                             for offset in range(0, self.padded, window))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> Window:
+        offset = index * self.window
+        length = min(self.window, self.padded - offset)
+        if self.train:
+            perm = _window_permutation(self.seed, self.epoch, self.rank, index, length)
+            return Window(tuple(int(self.base + offset + p) for p in perm), (True,) * length)
+        slots = range(offset, offset + length)
+        return Window(tuple(self.base + i if i < self.real else self.pad_position for i in slots),
+                      tuple(i < self.real for i in slots))
+
+
 def train_windows(
     num_samples: int, world_size: int, rank: int, batch_size: int, window: int, seed: int, epoch: int
 ) -> list[Window]:
-    """Rank `rank`'s training windows: block [r*P, r*P + n*B) of the epoch, cut into windows, each permuted."""
-    per_rank = num_samples // world_size
-    used = (per_rank // batch_size) * batch_size
-    base = rank * per_rank
-    windows = []
-    for index, offset in enumerate(range(0, used, window)):
-        length = min(window, used - offset)
-        perm = _window_permutation(seed, epoch, rank, index, length)
-        windows.append(Window(tuple(int(base + offset + p) for p in perm), (True,) * length))
-    return windows
+    """Rank `rank`'s training windows, all of them (`WindowPlan` makes them one at a time)."""
+    plan = WindowPlan(num_samples, world_size, rank, batch_size, window, train=True, seed=seed, epoch=epoch)
+    return [plan[i] for i in range(len(plan))]
 
 
 def val_windows(num_samples: int, world_size: int, rank: int, batch_size: int, window: int) -> list[Window]:
-    """Rank `rank`'s validation windows, in dataset order, padded to whole batches with `valid=False` repeats.
-
-    Rank r owns positions [r*Q, min((r+1)*Q, N)) with Q = ceil(N / world); over all ranks that is every position
-    exactly once. Padding repeats the rank's last real position (it is read anyway), or the dataset's last sample
-    when the rank owns none (more ranks than samples).
-    """
-    per_rank = math.ceil(num_samples / world_size)
-    real = list(range(min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples)))
-    padded = val_batches_per_rank(num_samples, world_size, batch_size) * batch_size
-    pad_position = real[-1] if real else num_samples - 1
-    positions = real + [pad_position] * (padded - len(real))
-    valid = [True] * len(real) + [False] * (padded - len(real))
-    return [
-        Window(tuple(positions[i : i + window]), tuple(valid[i : i + window])) for i in range(0, padded, window)
-    ]
+    """Rank `rank`'s validation windows, all of them (see `WindowPlan`)."""
+    plan = WindowPlan(num_samples, world_size, rank, batch_size, window, train=False)
+    return [plan[i] for i in range(len(plan))]
 
 
 def augment_seed(seed: int, epoch: int, rank: int, window: int, batch: int) -> int:
