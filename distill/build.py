@@ -33,7 +33,7 @@ from data_pipes.shards.metadata import read_info
 from data_pipes.stream.loader import init_loader_worker
 from distill.identity import build_identity, versions
 from distill.kdset import BUILD_FILE, MANIFEST, KDSetError, block_path, read_json, record_dtype, write_json
-from distill.render import BlockWriter, Task, ViewRenderer
+from distill.render import BlockWriter, Task, ViewRenderer, views_done
 from distill.select import build_selector, score, score_args, wait_for_selection, with_selection
 from distill.sources import SourceConfig, build_teacher, source_configs, view_size
 from distill.teacher import Teacher, autocast_bf16, release, resolve_device
@@ -72,8 +72,8 @@ def build(cfg, *, share: tuple[int, int] | None = None, stop_after: int | None =
         resolved = with_selection(d3, wait_for_selection(d3, out / d3.name, kd, info.label_names, (me, count)))
         sources = [resolved if s.selected else s for s in sources]
         _build_blocks([resolved], me, count, teacher, kd, out, budget)
-    resolved = all(s.members is not None for s in sources if s.selected)
-    complete = resolved and all(_done(out, s, k) for s in sources for k in range(len(s.blocks)))
+    resolved = all(s.selection is not None for s in sources if s.selected)
+    complete = resolved and all(_done(out, s, k) for s in sources for k in range(s.members.num_blocks))
     if complete and not (out / MANIFEST).is_file():
         write_json(out / MANIFEST, _manifest(identity, sources, out, kd))
         log.info("distill.build: all blocks built; wrote %s", out / MANIFEST)
@@ -83,8 +83,9 @@ def build(cfg, *, share: tuple[int, int] | None = None, stop_after: int | None =
 def _build_blocks(sources: list[SourceConfig], me: int, count: int, teacher: Teacher, kd: dict, out: Path,
                   budget: list) -> None:
     """Label this share's unfinished blocks of `sources` (block n of the list goes to share n mod count)."""
-    tasks = [Task(i, k) for i, s in enumerate(sources) for k in range(len(s.blocks))]
-    todo = [t for n, t in enumerate(tasks) if n % count == me and not _done(out, sources[t.source], t.block)]
+    tasks = [Task(i, k) for i, s in enumerate(sources) for k in range(s.members.num_blocks)]
+    todo = [Task(t.source, t.block, views_done(out / sources[t.source].name, t.block))
+            for n, t in enumerate(tasks) if n % count == me and not _done(out, sources[t.source], t.block)]
     if budget[0] is not None:
         todo, budget[0] = todo[:budget[0]], max(0, budget[0] - len(todo))
     log.info("distill.build %s: %d blocks, %d for share %d of %d still to build -> %s",
@@ -121,7 +122,7 @@ def _label(todo: list[Task], sources: list[SourceConfig], teacher: Teacher, kd: 
     loader = DataLoader(renderer, batch_size=None, num_workers=int(b["num_workers"]),
                         worker_init_fn=init_loader_worker, pin_memory=device.type == "cuda")
     writers: dict[int, BlockWriter] = {}
-    total = sum(sources[t.source].replicas * _block_members(sources[t.source], t.block) for t in todo)
+    total = sum(sources[t.source].replicas * sources[t.source].members.block_size(t.block) - t.start for t in todo)
     bar = tqdm(total=total, unit="view", desc="distill.build", smoothing=0.05, mininterval=2,
                disable=not sys.stderr.isatty() and not os.environ.get("KD_PROGRESS"))
     start = time.time()
@@ -129,33 +130,29 @@ def _label(todo: list[Task], sources: list[SourceConfig], teacher: Teacher, kd: 
         task = todo[chunk["task"]]
         s = sources[task.source]
         if chunk["task"] not in writers:
-            writers[chunk["task"]] = BlockWriter(out / s.name, s, _block_members(s, task.block),
-                                                 record_dtype(s.recipe.dtype, len(teacher.label_names), top_k))
+            writers[chunk["task"]] = BlockWriter(out / s.name, s, task.block, s.members.block_size(task.block),
+                                                 record_dtype(s.recipe.dtype, len(teacher.label_names), top_k),
+                                                 kd["storage"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             probs = teacher.probabilities(chunk["images"].to(device, non_blocking=True))
         top = probs.topk(min(top_k, probs.size(1)), dim=1)
         writer = writers[chunk["task"]]
         writer.add(chunk, top.indices.cpu().numpy(), top.values.float().cpu().numpy())
         bar.update(len(chunk["views"]))
-        if writer.remaining == 0:
-            writer.write(task.block)
+        if writer.remaining == 0:  # the writer has renamed the block's files into place
             del writers[chunk["task"]]
     bar.close()
     log.info("distill.build: %d views in %.1f s (%.1f views/s)", total, time.time() - start,
              total / max(1e-9, time.time() - start))
 
 
-def _block_members(s: SourceConfig, block: int) -> int:
-    return len(s.blocks[block][1])
-
-
 def _manifest(identity: dict, sources: list[SourceConfig], out: Path, kd: dict) -> dict:
     per_source = {}
     for s in sources:
-        members = sum(len(m) for _, m in s.blocks)
+        members = s.members.count
         views = members * s.replicas
         files = list((out / s.name).glob("block-*.npy")) + list((out / s.name).glob("block-*.tar"))
-        per_source[s.name] = {"members": members, "views": views, "blocks": len(s.blocks),
+        per_source[s.name] = {"members": members, "views": views, "blocks": s.members.num_blocks,
                               "bytes": sum(f.stat().st_size for f in files),
                               "bytes_per_view": sum(f.stat().st_size for f in files) / max(1, views)}
     manifest = {**identity, "counts": per_source, "versions": versions(), "format": 1}

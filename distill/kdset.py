@@ -9,7 +9,10 @@
     <kd.sets>/<source>/block-KKKKKK.tar        `pixels` storage: the views' JPEG bytes (member-major per replica)
     <kd.sets>/<source>/block-KKKKKK.check.json checksums of a few views' pixels, re-rendered when training starts
     <kd.sets>/d3/scores/block-KKKKKK.npy       the selector's top class and confidence of each extra image
-    <kd.sets>/d3/selection.npz                 D3's members: extra-image indices, repeated for rare classes
+    <kd.sets>/<source>/block-KKKKKK.tar.idx    the tar's sample offsets (`data_pipes.shards.read`)
+    <kd.sets>/<source>/block-KKKKKK.{npy,tar}.partial, .progress.json   a block being built (resumed there)
+    <kd.sets>/d3/selection/{images,ends,classes}.npy  D3's selected extra images (sorted), where each one's
+                                               copies end among the members (rare classes repeated), their classes
     <kd.sets>/d3/class_counts.json, .png       per-class counts before and after balancing (`distill.select`)
 
 A block is one shard of the source; its .npy is renamed into place last, so its presence means the block is done.

@@ -17,7 +17,7 @@ from data_pipes.image.views import checksum
 from data_pipes.stream.mixture import Item, SourceReader
 from distill.identity import build_identity, versions
 from distill.kdset import BUILD_FILE, MANIFEST, RESUME_HINT, KDSetError, block_path, read_json
-from distill.select import SELECTION, Selection, missing_scores, with_selection
+from distill.select import Selection, missing_scores, with_selection
 from distill.sources import SourceConfig
 from distill.teacher import Teacher
 from distill.views import StoredViews
@@ -68,7 +68,7 @@ class KDSets:
     def check_pixels(self, sources: list[SourceConfig]) -> None:
         """Re-render the views whose checksums the build stored; stop with the likely cause when any differs."""
         for s in sources:
-            reader = SourceReader(s.blocks)
+            reader = SourceReader(s.members)
             views = StoredViews(s.recipe, reader, directory=self.root / s.name, replicas=s.replicas,
                                 storage=self.storage, labelled=s.labelled)
             sums = read_json(block_path(self.root / s.name, 0, ".check.json"))
@@ -97,13 +97,13 @@ def _incomplete(root: Path, sources: list[SourceConfig]) -> str:
                 f"kd.sets={root}`, or train online with kd.sets=null")
     missing, parts = {}, []
     for s in sources:
-        if s.selected and not (root / s.name / SELECTION).is_file():
+        if s.selected and not Selection.exists(root / s.name):
             scores = missing_scores(root / s.name, s.shards)
             parts.append(f"{s.name}: its class-balanced selection"
                          + (f" ({len(scores)} of {len(s.shards)} extra shards not scored yet)" if scores else ""))
             continue
         source = with_selection(s, Selection.load(root / s.name)) if s.selected else s
-        missing[s.name] = [k for k in range(len(source.blocks)) if not block_path(root / s.name, k).is_file()]
+        missing[s.name] = [k for k in range(source.members.num_blocks) if not block_path(root / s.name, k).is_file()]
     parts += [f"{name}: {len(blocks)} of the blocks (first: {blocks[:5]})" for name, blocks in missing.items()
               if blocks]
     return (f"kd.sets={root} is only partly built (missing {'; '.join(parts) or 'the manifest'}): {RESUME_HINT} "

@@ -146,10 +146,10 @@ class StreamFactory:
         views = []
         for s in self.sources:
             if self.kd_sets is None:
-                reader = SourceReader(s.blocks)
+                reader = SourceReader(s.members)
                 views.append(OnlineViews(s.recipe, reader, source=s.index, seed=self.seed, labelled=s.labelled))
             else:
-                reader = SourceReader(s.blocks)
+                reader = SourceReader(s.members)
                 views.append(StoredViews(s.recipe, reader, directory=self.kd_sets.root / s.name,
                                          replicas=s.replicas, storage=self.kd_sets.storage, labelled=s.labelled))
         online = self.kd_sets is None

@@ -15,6 +15,9 @@ whoever has all scores computes it and writes `selection.npz`, `class_counts.jso
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -28,7 +31,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipes.image.augment import build_eval_transform
 from data_pipes.shards.metadata import DatasetInfo, info_sha256
 from data_pipes.stream.loader import init_loader_worker
-from data_pipes.stream.mixture import SourceReader, source_blocks
+from data_pipes.stream.members import Members, selection_arrays
+from data_pipes.stream.mixture import SourceReader
 from distill.identity import json_values, selection_identity
 from distill.kdset import RESUME_HINT, KDSetError, read_json, write_atomic, write_json
 from distill.sources import SourceConfig
@@ -36,64 +40,96 @@ from distill.teacher import SELECTOR, Teacher, autocast_bf16, load_teacher, reso
 
 log = logging.getLogger("distill.select")
 SCORE_DTYPE = np.dtype([("cls", "<i4"), ("conf", "<f4")])  # conf -1: the image could not be read
-SELECTION = "selection.npz"
+SELECTION = "selection"  # a directory: images.npy, ends.npy, classes.npy
+SELECTION_LOCK = "selection.lock"
+LEGACY_SELECTION = "selection.npz"  # earlier versions: one entry per member
+_LOCK_STALE_SECONDS = 1800
 SCORES_IDENTITY = "identity.json"
 
 
 @dataclass(frozen=True)
 class Selection:
-    """D3's members (global indices into the extra split, sorted, repeats for replicated images) and its report."""
+    """D3's class-balanced selection, as stored in `<dir>/selection/`: the selected extra images (`images.npy`,
+    global indices into the extra split, sorted), where each one's copies end in D3's member sequence (`ends.npy`:
+    an image of a rare class is repeated, each copy a member of its own) and each one's class (`classes.npy`).
 
-    members: np.ndarray
-    classes: np.ndarray  # assigned class of each member
+    At ImageNet size: 20 bytes a selected image, memory-mapped (`Members` opens the maps again in every process
+    rather than copying them), whatever per_class makes the member count; nothing is stored per member.
+    """
+
+    directory: Path
     counts: dict  # per-class counts before and after, the settings, the best confidence seen
+    arrays: tuple[np.ndarray, np.ndarray] | None = None  # (images, ends) of a selection kept in memory (legacy)
 
     @classmethod
     def load(cls, directory: Path) -> Selection:
-        path = Path(directory) / SELECTION
-        if not path.is_file():
-            raise KDSetError(f"{directory} has no D3 selection ({SELECTION}): run `python -m distill.build` with "
-                             f"the same overrides to make it")
-        with np.load(path, allow_pickle=False) as z:
-            members, classes = z["members"], z["classes"]
-        return cls(members, classes, read_json(Path(directory) / "class_counts.json"))
+        directory = Path(directory)
+        if (directory / SELECTION / "ends.npy").is_file():
+            return cls(directory / SELECTION, read_json(directory / "class_counts.json"))
+        if (directory / LEGACY_SELECTION).is_file():  # made by an earlier version: one entry per member
+            with np.load(directory / LEGACY_SELECTION, allow_pickle=False) as z:
+                images, repeats = np.unique(z["members"], return_counts=True)
+            return cls(directory, read_json(directory / "class_counts.json"), selection_arrays(images, repeats))
+        raise KDSetError(f"{directory} has no D3 selection ({SELECTION}/): run `python -m distill.build` with "
+                         f"the same overrides to make it")
+
+    @staticmethod
+    def exists(directory: Path) -> bool:
+        return (Path(directory) / SELECTION / "ends.npy").is_file() or (Path(directory) / LEGACY_SELECTION).is_file()
+
+    def members(self, shards: Sequence[tuple[Path, int]]) -> Members:
+        """D3's members over the extra split's shards."""
+        if self.arrays is not None:
+            return Members(shards, self.arrays)
+        return Members(shards, (self.directory / "images.npy", self.directory / "ends.npy"))
+
+    @property
+    def classes(self) -> np.ndarray:
+        """The class assigned to each selected image."""
+        if self.arrays is not None:
+            raise KDSetError(f"the D3 selection in {self.directory} predates stored classes")
+        return np.load(self.directory / "classes.npy", mmap_mode="r", allow_pickle=False)
 
 
 def with_selection(source: SourceConfig, selection: Selection) -> SourceConfig:
     """The source restricted to the selected members."""
-    return replace(source, members=selection.members)
+    return replace(source, selection=selection)
 
 
 def balance(top: np.ndarray, conf: np.ndarray, num_classes: int, threshold: float,
-            per_class: int) -> tuple[np.ndarray, np.ndarray, dict[str, list[int]]]:
-    """Members (sorted image indices, repeats allowed) and their classes, plus the per-class counts:
+            per_class: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, list[int]]]:
+    """The selected images (sorted), each one's number of copies and its class, plus the per-class counts:
     `assigned` (top class, any confidence), `passed` (confidence >= threshold), `kept` (the most confident
-    `per_class` of those) and `after` (kept, with rare classes repeated up to `per_class`)."""
+    `per_class` of those) and `after` (kept, with rare classes repeated up to `per_class`).
+
+    A class with k < per_class kept images repeats them in confidence order, cycling: each image per_class // k
+    times, the first per_class % k once more. One sort of the images that passed (by class, confidence, index):
+    O(N log N) time and O(N) memory for N extra images, nothing per member."""
     readable = conf >= 0
     passed = readable & (conf >= threshold)
-    chosen, labels = [], []
-    counts: dict[str, list[int]] = {"assigned": [], "passed": [], "kept": [], "after": []}
-    for c in range(num_classes):
-        mine = np.flatnonzero(passed & (top == c))
-        # Most confident first; ties by index, so that the selection does not depend on the sort's stability.
-        mine = mine[np.lexsort((mine, -conf[mine]))][:per_class]
-        taken = np.resize(mine, per_class) if len(mine) else mine  # repeats cycle: each image once, then again
-        chosen.append(taken)
-        labels.append(np.full(len(taken), c, np.int32))
-        for key, n in (("assigned", int((readable & (top == c)).sum())), ("passed", int((passed & (top == c)).sum())),
-                       ("kept", len(mine)), ("after", len(taken))):
-            counts[key].append(n)
-    members, classes = np.concatenate(chosen).astype(np.int64), np.concatenate(labels)
-    order = np.argsort(members, kind="stable")
-    return members[order], classes[order], counts
+    idx = np.flatnonzero(passed)
+    # Most confident first within a class; ties by index, so the selection does not depend on the sort's stability.
+    idx = idx[np.lexsort((idx, -conf[idx], top[idx]))]
+    cls = top[idx].astype(np.int64)
+    rank = np.arange(len(idx)) - np.searchsorted(cls, cls, side="left")
+    keep = rank < per_class
+    idx, cls, rank = idx[keep], cls[keep], rank[keep]
+    kept = np.bincount(cls, minlength=num_classes)
+    repeats = per_class // kept[cls] + (rank < per_class % kept[cls])
+    order = np.argsort(idx, kind="stable")
+    counts = {"assigned": np.bincount(top[readable], minlength=num_classes).tolist(),
+              "passed": np.bincount(top[passed], minlength=num_classes).tolist(),
+              "kept": kept.tolist(), "after": np.where(kept > 0, per_class, 0).tolist()}
+    return idx[order].astype(np.int64), repeats[order].astype(np.int64), cls[order].astype(np.int32), counts
 
 
 class ScoreRenderer(IterableDataset):
-    """Loader workers decode the extra images of whole shards into the selector's eval view."""
+    """Loader workers decode the extra images of whole shards into the selector's eval view, a chunk at a time
+    (a worker holds one chunk's bytes, not a shard's)."""
 
-    def __init__(self, blocks: list[tuple[str, np.ndarray]], todo: list[int], size: int, crop_pct: float,
-                 interpolation: str, chunk: int) -> None:
-        self.blocks, self.todo, self.chunk = blocks, todo, chunk
+    def __init__(self, members: Members, todo: list[int], size: int, crop_pct: float, interpolation: str,
+                 chunk: int) -> None:
+        self.members, self.todo, self.chunk = members, todo, chunk
         self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
 
     def __iter__(self) -> Iterator[dict]:
@@ -103,13 +139,13 @@ class ScoreRenderer(IterableDataset):
         # the DCT-reduced decode (the selection records the selector, threshold and per_class it was made with).
         transform = build_eval_transform(self.size, crop_pct=self.crop_pct, interpolation=self.interpolation,
                                          dct_reduce=True)
-        reader = SourceReader(self.blocks)
+        reader = SourceReader(self.members)
         for n, block in enumerate(self.todo):
             if n % workers != worker:
                 continue
-            first, end = int(reader.starts[block]), int(reader.starts[block + 1])
-            raw = reader.read(range(first, end))
+            first, end = self.members.block_range(block)
             for at in range(first, end, self.chunk):
+                raw = reader.read(range(at, min(end, at + self.chunk)))
                 images, ok = [], []
                 for m in range(at, min(end, at + self.chunk)):
                     try:
@@ -130,14 +166,17 @@ def score(selector: Teacher, shards: Sequence[tuple[Path, int]], directory: Path
     """Score this share's extra shards that have no score file yet (resumable: one file per shard). Scores already in
     `directory` are reused only if the same selector scored the same extra shards (`scores/identity.json`)."""
     claim_scores(directory, score_identity(selector, shards))
-    blocks = source_blocks(shards)
+    members = Members(shards)
     me, count = share
-    todo = [k for k in range(len(blocks)) if k % count == me and not _score_path(directory, k).is_file()]
+    todo = [k for k in range(members.num_blocks) if k % count == me and not _score_path(directory, k).is_file()]
+    for k in [k for k in todo if members.block_size(k) == 0]:  # an empty shard has nothing to score
+        write_atomic(_score_path(directory, k), lambda f: np.save(f, np.zeros(0, SCORE_DTYPE), allow_pickle=False))
+        todo.remove(k)
     if not todo:
         return
     log.info("kd d3: scoring %d extra shards with the selector (%s)", len(todo), selector.identity["source"])
     selector.to(device)
-    renderer = ScoreRenderer(blocks, todo, selector.img_size, float(selector.data_config["crop_pct"]),
+    renderer = ScoreRenderer(members, todo, selector.img_size, float(selector.data_config["crop_pct"]),
                              selector.interpolation, batch_size)
     loader = DataLoader(renderer, batch_size=None, num_workers=num_workers, worker_init_fn=init_loader_worker)
     pending: dict[int, np.ndarray] = {}
@@ -200,11 +239,46 @@ def missing_scores(directory: Path, shards: Sequence) -> list[int]:
 
 
 def select(directory: Path, shards: Sequence[tuple[Path, int]], *, label_names: Sequence[str], threshold: float,
-           per_class: int, identity: dict) -> Selection:
-    """Balance the scored extra images (every score file must exist) and write the selection and its report."""
+           per_class: int, identity: dict, deadline: float | None = None) -> Selection:
+    """Balance the scored extra images (every score file must exist) and write the selection and its report.
+
+    One process of a launch makes it (whoever takes `selection.lock` first); the others wait for it to appear, until
+    `deadline` (a time.time()); a lock left by a killed process is taken over after 30 minutes."""
     directory = Path(directory)
-    if (directory / SELECTION).is_file():
-        return Selection.load(directory)
+    while not Selection.exists(directory):
+        if _take_lock(directory):
+            try:
+                if not Selection.exists(directory):
+                    _make_selection(directory, shards, label_names, threshold, per_class, identity)
+            finally:
+                (directory / SELECTION_LOCK).unlink(missing_ok=True)
+            break
+        if deadline is not None and time.time() > deadline:
+            raise KDSetError(f"D3's selection in {directory} is being made by another process (it holds "
+                             f"{directory / SELECTION_LOCK}) and did not appear in time; {RESUME_HINT}")
+        time.sleep(2)
+    return Selection.load(directory)
+
+
+def _take_lock(directory: Path) -> bool:
+    lock = directory / SELECTION_LOCK
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            if time.time() - lock.stat().st_mtime > _LOCK_STALE_SECONDS:
+                lock.unlink(missing_ok=True)  # its maker was killed; the next loop takes it
+        except FileNotFoundError:
+            pass
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    return True
+
+
+def _make_selection(directory: Path, shards: Sequence[tuple[Path, int]], label_names: Sequence[str],
+                    threshold: float, per_class: int, identity: dict) -> None:
     scores = np.concatenate([np.load(_score_path(directory, k), allow_pickle=False) for k in range(len(shards))])
     readable = scores["conf"] >= 0
     if not readable.any():
@@ -215,7 +289,7 @@ def select(directory: Path, shards: Sequence[tuple[Path, int]], *, label_names: 
                          f"top-class confidence is {best:.4f} over {int(readable.sum())} images): lower the threshold, "
                          f"use a better selector (kd.sources.d3.selector), or check that the extra data shows the "
                          f"task's classes")
-    members, classes, counts = balance(scores["cls"], scores["conf"], len(label_names), threshold, per_class)
+    images, repeats, classes, counts = balance(scores["cls"], scores["conf"], len(label_names), threshold, per_class)
     report = {**identity, "images": len(scores), "readable": int(readable.sum()), "best_confidence": best,
               "classes": list(label_names), **counts,
               "empty_classes": [n for n, k in zip(label_names, counts["kept"]) if k == 0],
@@ -226,8 +300,14 @@ def select(directory: Path, shards: Sequence[tuple[Path, int]], *, label_names: 
                     len(report["empty_classes"]), ", ".join(report["empty_classes"][:20]))
     write_json(directory / "class_counts.json", report)
     plot(report, directory / "class_counts.png")
-    write_atomic(directory / SELECTION, lambda f: np.savez(f, members=members, classes=classes))
-    return Selection(members, classes, report)
+    # Written into a fresh directory renamed into place: the selection appears whole or not at all.
+    tmp = directory / f".{SELECTION}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    images, ends = selection_arrays(images, repeats)
+    for name, array in (("images", images), ("classes", classes), ("ends", ends)):
+        write_atomic(tmp / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
+    os.replace(tmp, directory / SELECTION)
 
 
 def table(report: dict) -> str:
@@ -303,4 +383,5 @@ def wait_for_selection(d3: SourceConfig, directory: Path, kd: Mapping[str, Any],
         time.sleep(10)
     settings = selection_identity(kd)
     return select(directory, d3.shards, label_names=label_names, threshold=settings["threshold"],
-                  per_class=settings["per_class"], identity=settings | {"extra_root": str(d3.root)})
+                  per_class=settings["per_class"], identity=settings | {"extra_root": str(d3.root)},
+                  deadline=deadline)

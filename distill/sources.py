@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from data_pipes.image.views import ViewRecipe
 from data_pipes.shards.metadata import DatasetError, DatasetInfo, read_info
-from data_pipes.stream.mixture import source_blocks
+from data_pipes.stream.members import Members
 from distill.kdset import KDSetError
 from distill.teacher import Teacher, load_teacher
 
@@ -36,16 +35,17 @@ class SourceConfig:
     weight: float
     labelled: bool
     extra: dict[str, Any] = field(default_factory=dict)
-    # D3: the selected members (indices into the train split, sorted, repeated for rare classes); None: every image
-    members: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # D3: its class-balanced selection (`distill.select.Selection`); None: every image of the split
+    selection: Any = field(default=None, compare=False, repr=False)
 
     @property
     def shards(self) -> list[tuple[Path, int]]:
         return self.info.shards("train")
 
-    @property
-    def blocks(self) -> list[tuple[str, np.ndarray]]:
-        return source_blocks(self.shards, self.members)
+    @cached_property
+    def members(self) -> Members:
+        """Which samples the source visits, block by block (made once: O(shards), or the selection's memory map)."""
+        return Members(self.shards) if self.selection is None else self.selection.members(self.shards)
 
     @property
     def selected(self) -> bool:

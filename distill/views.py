@@ -7,6 +7,7 @@ view that is drawn again is drawn identically.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import simplejpeg
 
 from data_pipes.image.decode import open_image
 from data_pipes.image.views import ViewRecipe
-from data_pipes.shards.read import ShardIndexCache, read_run
+from data_pipes.shards.read import ShardFiles
 from data_pipes.stream.mixture import Item, Rendered, SourceReader, ViewSource
 from distill.kdset import dequantize, read_block
 
@@ -43,7 +44,7 @@ def partner_of(reader: SourceReader, rng: np.random.Generator, member: int) -> i
     """The mixing partner drawn for `member` by this generator (consumes one draw first, so call it before any
     other draw on `rng`, as `draw_view` does through `peek_partner`)."""
     block, _ = reader.block_of(member)
-    first, end = int(reader.starts[block]), int(reader.starts[block + 1])
+    first, end = reader.members.block_range(block)
     if end - first < 2:
         return member
     choice = first + int(rng.integers(end - first - 1))
@@ -96,16 +97,26 @@ class StoredViews(ViewSource):
     stored parameters from the source shards."""
 
     def __init__(self, recipe: ViewRecipe, reader: SourceReader, *, directory: Path, replicas: int, storage: str,
-                 labelled: bool, missing: str = "uniform") -> None:
+                 labelled: bool, missing: str = "uniform", open_blocks: int = 32) -> None:
         self.recipe, self.reader, self.directory = recipe, reader, Path(directory)
         self.replicas, self.storage, self.labelled = replicas, storage, labelled
-        self._blocks: dict[int, np.ndarray] = {}
-        self._pixels = ShardIndexCache()
+        # The blocks' records are memory maps, the most recent `open_blocks` kept (a run touches every block each
+        # epoch: 1,000+ maps otherwise); the pixel tars' indexes are stored memory maps too, through a bounded pool.
+        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.open_blocks = open_blocks
+        self._pixels = ShardFiles(capacity=open_blocks)
 
     def _records(self, block: int) -> np.ndarray:
-        if block not in self._blocks:
+        if block in self._blocks:
+            self._blocks.move_to_end(block)
+        else:
+            while len(self._blocks) >= self.open_blocks:
+                self._blocks.popitem(last=False)
             self._blocks[block] = read_block(self.directory, block)
         return self._blocks[block]
+
+    def __getstate__(self) -> dict:  # a worker maps the blocks it reads itself
+        return {**self.__dict__, "_blocks": OrderedDict()}
 
     def locate(self, item: Item) -> tuple[Item, int, int, int, np.void]:
         """(item, block, offset in the block, replica, stored record) of an item: pass q shows replica q mod R."""
@@ -124,9 +135,8 @@ class StoredViews(ViewSource):
 
     def _from_pixels(self, item: Item, block: int, offset: int, replica: int, record: np.void) -> Rendered:
         path = str(self.directory / f"block-{block:06d}.tar")
-        index = self._pixels.get(path)
-        position = replica * len(self.reader.locals[block]) + offset
-        _, sample = next(read_run(path, index, position, position + 1))
+        position = replica * self.reader.members.block_size(block) + offset
+        _, sample = next(self._pixels.read_run(path, position, position + 1))
         ids, probs = self._labels(record)
         if isinstance(sample, str):
             return Rendered(None, -1, f"{Path(path).name}#{position}", error=sample)

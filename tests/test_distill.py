@@ -21,19 +21,20 @@ from data_pipes.image.decode import open_image
 from data_pipes.image.views import ViewRecipe, blend, checksum
 from data_pipes.shards.make import make_shards
 from data_pipes.shards.metadata import read_info
+from data_pipes.stream.members import Members
 from data_pipes.stream.mixture import (
     MixtureStream,
     Rendered,
     SourceReader,
     batch_counts,
     integer_weights,
-    source_blocks,
 )
 from distill.build import build as build_sets
 from distill.kdset import KDSetError, dequantize, read_block
 from distill.objectives import dense_targets
 from distill.reader import KDSets
-from distill.select import balance, missing_scores, score
+from distill.render import BlockWriter
+from distill.select import Selection, balance, missing_scores, score
 from distill.sources import build_teacher, source_configs
 from distill.teacher import load_teacher, resolve_device
 from train.builders import labels_only
@@ -124,7 +125,7 @@ class _Labels:
     labelled = True
 
     def __init__(self, n: int) -> None:
-        self.reader = SourceReader([("unused", np.arange(n))])
+        self.reader = SourceReader(Members([("unused", n)]))
 
     def render(self, items):
         return [Rendered(np.full((4, 4, 3), it.member % 256, np.uint8), it.member, f"{it.source}:{it.member}")
@@ -212,6 +213,32 @@ def test_a_killed_build_resumes_and_ends_identical_to_an_uninterrupted_one(tmp_p
             assert np.array_equal(np.load(path), np.load(sets / name / path.name)), path
 
 
+def test_a_build_killed_inside_a_block_resumes_there_and_ends_identical(tmp_path, synthetic_shards, teacher, built,
+                                                                         monkeypatch):
+    monkeypatch.setattr("distill.render.FLUSH_VIEWS", 40)  # durable every 40 views (a chunk is 40 here)
+    finish = BlockWriter._finish
+    finished = []
+
+    def killed_in_the_second_block(self):
+        if finished:
+            raise KeyboardInterrupt  # the process dies with the block's last views written but not its files
+        finished.append(self.block)
+        finish(self)
+
+    monkeypatch.setattr(BlockWriter, "_finish", killed_in_the_second_block)
+    sets = tmp_path / "sets"
+    with pytest.raises(KeyboardInterrupt):
+        build(synthetic_shards, teacher, sets)
+    partial = [p for p in sets.rglob("block-*.progress.json")]
+    assert len(partial) == 1 and json.loads(partial[0].read_text())["views"] > 0
+    monkeypatch.setattr(BlockWriter, "_finish", finish)
+    build(synthetic_shards, teacher, sets)
+    assert not list(sets.rglob("*.partial")) and not list(sets.rglob("*.progress.json"))
+    for name in ("d1", "d2"):
+        for path in sorted((built / name).glob("block-*.npy")):
+            assert np.array_equal(np.load(path), np.load(sets / name / path.name)), path
+
+
 def test_training_refuses_sets_built_for_another_recipe_or_with_other_pixels(tmp_path, built, synthetic_shards,
                                                                             teacher):
     with pytest.raises(KDSetError, match="recipe"):
@@ -239,8 +266,8 @@ def test_replay_reproduces_the_pixels_the_teacher_labelled(built, synthetic_shar
 
 
 def sources_blocks_cover(info) -> bool:
-    blocks = source_blocks(info.shards("train"))
-    return sum(len(m) for _, m in blocks) == info.split("train").num_samples
+    members = Members(info.shards("train"))
+    return sum(members.block_size(k) for k in range(members.num_blocks)) == info.split("train").num_samples
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -275,7 +302,7 @@ def test_distill_true_trains_exports_and_keeps_the_teacher_out_of_checkpoints(mo
     if mode.endswith("d3"):
         assert "train/loss_d1" in logged and "train/loss_d3" in logged
     if mode == "online_d3":  # the selection was made before training and kept with the run
-        assert (run_dir / "kd_selection" / "selection.npz").is_file()
+        assert (run_dir / "kd_selection" / "selection" / "ends.npy").is_file()
     # The teacher was not trained, nor were its BatchNorm statistics moved by being run in train mode.
 
     reloaded = load_teacher(str(teacher))
@@ -291,10 +318,11 @@ def test_class_balancing_keeps_the_most_confident_and_repeats_rare_classes_up_to
     # class 3 none at all; one image could not be read (confidence -1).
     top = np.array([0] * 60 + [1] * 3 + [2] * 20 + [1], np.int32)
     conf = np.concatenate([rng.uniform(0.4, 1.0, 60), [0.9, 0.5, 0.31], rng.uniform(0.0, 0.29, 20), [-1.0]])
-    members, classes, counts = balance(top, conf, num_classes=4, threshold=0.3, per_class=10)
+    images, repeats, image_classes, counts = balance(top, conf, num_classes=4, threshold=0.3, per_class=10)
+    members, classes = np.repeat(images, repeats), np.repeat(image_classes, repeats)
     assert counts["passed"] == [60, 3, 0, 0] and counts["kept"] == [10, 3, 0, 0]
     assert counts["after"] == [10, 10, 0, 0] and counts["assigned"] == [60, 3, 20, 0]
-    assert len(members) == 20 and np.all(np.diff(members) >= 0)
+    assert len(members) == 20 and np.all(np.diff(images) > 0)
     assert set(members[classes == 0]) == set(np.argsort(-conf[:60])[:10])  # the ten most confident of class 0
     repeats = np.bincount(members[classes == 1], minlength=64)[60:63]
     assert sorted(repeats.tolist()) == [3, 3, 4] and repeats[0] == 4  # the most confident is repeated once more
@@ -317,8 +345,11 @@ def test_d3_build_balances_the_extra_data_and_reports_counts_before_and_after(bu
     assert report["images"] == read_info(synthetic_shards).split("train").num_samples
     assert all(a == (8 if k else 0) for a, k in zip(report["after"], report["kept"]))
     assert (d3 / "class_counts.png").stat().st_size > 1000 and (d3 / "class_counts.json").is_file()
-    with np.load(d3 / "selection.npz") as z:
-        members = z["members"]
+    selection = Selection.load(d3)
+    members = np.repeat(np.load(d3 / "selection" / "images.npy"), np.diff(np.load(d3 / "selection" / "ends.npy"),
+                                                                           prepend=0))
+    assert np.array_equal(selection.members(read_info(synthetic_shards).shards("train")).samples(
+        np.arange(len(members))), members)
     assert len(members) == sum(report["after"]) == manifest["counts"]["d3"]["members"]
     assert manifest["counts"]["d3"]["views"] == 2 * len(members)
     records = np.concatenate([read_block(d3, k) for k in range(manifest["counts"]["d3"]["blocks"])], axis=1)

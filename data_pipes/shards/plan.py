@@ -129,7 +129,7 @@ def _entry_json(e: Entry) -> list:
 def our_files(out: Path) -> list[Path]:
     names = {INFO_FILE, PLAN_FILE, PROGRESS_FILE, SKIPPED_FILE}
     found = [p for p in out.iterdir() if p.name in names] if out.is_dir() else []
-    for pattern in ("train-*.tar", "val-*.tar", f"*.tar{PARTIAL_SUFFIX}"):
+    for pattern in ("train-*.tar", "val-*.tar", "train-*.tar.idx", "val-*.tar.idx", f"*.tar{PARTIAL_SUFFIX}"):
         found += sorted(out.glob(pattern))
     return found
 

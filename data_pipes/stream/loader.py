@@ -31,7 +31,7 @@ from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from data_pipes.errors import UserError
 from data_pipes.shards.metadata import MAKE_SHARDS_HINT
-from data_pipes.shards.read import ShardIndex, ShardIndexCache, read_run
+from data_pipes.shards.read import ShardFiles, ShardIndex
 from data_pipes.stream.plan import (
     BatchRef,
     EpochLayout,
@@ -92,7 +92,7 @@ class ShardStream(IterableDataset):
         # Written by the main process before each iter(); read by (persistent) workers when their iterator starts.
         self._epoch = multiprocessing.RawValue("q", 0)
         self._done = multiprocessing.RawArray("q", max(1, len(self.window_batches)))
-        self._cache: ShardIndexCache | None = None
+        self._files: ShardFiles | None = None
         self._reserve: tuple[np.ndarray, int] | None = None
 
     def _check_size(self) -> None:
@@ -142,8 +142,8 @@ class ShardStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         epoch, done = self.position()
         stream = resume_streams(self.window_batches, workers, done)[worker]
-        if self._cache is None:
-            self._cache = ShardIndexCache()
+        if self._files is None:
+            self._files = ShardFiles()
         return self._batches(epoch, stream, in_worker=info is not None)
 
     def _batches(self, epoch: int, stream: list[BatchRef], in_worker: bool) -> Iterator[dict]:
@@ -173,10 +173,9 @@ class ShardStream(IterableDataset):
         records: dict[int, tuple] = {}
         for shard, first, end, position in layout.runs(min(wanted), max(wanted) + 1):
             path = self.paths[shard]
-            index = self._cache.get(path)
-            health.check_shard(path, index, self.lengths[shard])
+            health.check_shard(path, self._files.get(path), self.lengths[shard])
             name = Path(path).name
-            for local, sample in read_run(path, index, first, end):
+            for local, sample in self._files.read_run(path, first, end):
                 if position + local - first in wanted:
                     records[position + local - first] = (f"{name}#{local}", sample)
         return records
@@ -224,7 +223,7 @@ class ShardStream(IterableDataset):
         """A decodable sample to stand in for a batch with none: the first one found, shard by shard."""
         for shard in range(len(self.paths)):
             path = self.paths[shard]
-            for local, sample in read_run(path, self._cache.get(path), 0, min(8, self.lengths[shard])):
+            for local, sample in self._files.read_run(path, 0, min(8, self.lengths[shard])):
                 _, image, target, reason = self._decode((f"{Path(path).name}#{local}", sample))
                 if reason is None:
                     return image, target

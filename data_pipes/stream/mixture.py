@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache, reduce
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -36,9 +35,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipes.image.decode import resize
-from data_pipes.shards.read import ShardIndexCache, read_run
+from data_pipes.shards.read import ShardFiles
 from data_pipes.stream.loader import DataError, _stack, init_loader_worker
-from data_pipes.stream.plan import EpochLayout, window_size
+from data_pipes.stream.members import Members
+from data_pipes.stream.plan import CHUNK, EpochLayout, window_size
 
 _PASS_SALT = 0x5EED_0011
 _FLIP_SALT = 0x5EED_0012
@@ -114,53 +114,40 @@ class Rendered:
 
 
 class SourceReader:
-    """Reads the members of one source from its shards: `blocks[k]` = (shard path, local indices of the block's
-    members in that shard, sorted). Members are numbered block after block."""
+    """Reads the members of one source from its shards (`members.Members`: which sample each member is). Runs of
+    consecutive samples of a shard are read in one go through the worker's `ShardFiles` (one open file per shard,
+    the most recent 64 kept)."""
 
-    def __init__(self, blocks: Sequence[tuple[str, np.ndarray]]) -> None:
-        self.paths = tuple(str(p) for p, _ in blocks)
-        self.locals = tuple(np.asarray(m, dtype=np.int64) for _, m in blocks)
-        self.starts = np.cumsum([0] + [len(m) for m in self.locals])
-        self._cache: ShardIndexCache | None = None
+    def __init__(self, members: Members) -> None:
+        self.members = members
+        self._files: ShardFiles | None = None
 
     @property
     def num_members(self) -> int:
-        return int(self.starts[-1])
+        return self.members.count
 
     def block_of(self, member: int) -> tuple[int, int]:
-        block = int(np.searchsorted(self.starts, member, side="right") - 1)
-        return block, member - int(self.starts[block])
+        return self.members.block_of(member)
 
     def read(self, members: Sequence[int]) -> dict[int, dict | str]:
         """Raw samples of `members` (member -> webdataset sample dict, or the reason it cannot be read)."""
-        if self._cache is None:
-            self._cache = ShardIndexCache()
-        wanted: dict[tuple[int, int], list[int]] = {}
-        for m in set(members):
-            block, offset = self.block_of(m)
-            wanted.setdefault((block, int(self.locals[block][offset])), []).append(m)
+        if self._files is None:
+            self._files = ShardFiles()
+        unique = np.unique(np.asarray(list(members), dtype=np.int64))
+        if not len(unique):
+            return {}
+        shard, local = self.members.locate(unique)
         out: dict[int, dict | str] = {}
-        by_shard: dict[int, list[int]] = {}
-        for block, local in wanted:
-            by_shard.setdefault(block, []).append(local)
-        for block, locals_ in by_shard.items():
-            path, index = self.paths[block], self._cache.get(self.paths[block])
-            for first, end in _runs(sorted(set(locals_))):
-                for local, sample in read_run(path, index, first, end):
-                    for m in wanted.get((block, local), ()):
-                        out[m] = sample
+        order = np.lexsort((local, shard))  # shard by shard, samples in file order
+        shard, local, unique = shard[order], local[order], unique[order]
+        # Runs: the same shard and the next sample (or the same one: repeated members share a read).
+        breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(local) > 1)) + 1
+        for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(unique)]])):
+            path = self.members.paths[int(shard[a])]
+            samples = dict(self._files.read_run(path, int(local[a]), int(local[b - 1]) + 1))
+            for m, i in zip(unique[a:b], local[a:b]):
+                out[int(m)] = samples[int(i)]
         return out
-
-
-def _runs(sorted_values: list[int]) -> Iterator[tuple[int, int]]:
-    """Maximal runs of consecutive integers as [first, end) pairs."""
-    start = prev = sorted_values[0]
-    for v in sorted_values[1:]:
-        if v != prev + 1:
-            yield start, prev + 1
-            start = v
-        prev = v
-    yield start, prev + 1
 
 
 class ViewSource:
@@ -179,15 +166,16 @@ class ViewSource:
 class PassOrder:
     """The members rank `rank` visits in pass `pass_` of a source, in order, made on demand.
 
-    The pass's member sequence is the source's blocks (shards) as an epoch of the labels-only stream orders its
-    shards (`plan.EpochLayout`: chunks of consecutive members from all blocks, in a seeded order; members are
-    numbered block after block); the rank takes its contiguous N // world share, shuffled in windows of `window`.
+    The pass's member sequence is ordered as an epoch of the labels-only stream orders its samples
+    (`plan.EpochLayout`: chunks of `chunk` consecutive members, in a seeded order); the rank takes its contiguous
+    N // world share, shuffled in windows of `window`. A source whose members repeat images (D3's rare classes)
+    uses chunks of one member, or a chunk would be one image's copies side by side in a batch.
     Memory: one window's permutation, whatever the source's size (130M D3 members: still one window)."""
 
-    def __init__(self, block_sizes: Sequence[int], world_size: int, rank: int, seed: int, pass_: int,
-                 window: int) -> None:
-        self.layout = EpochLayout(block_sizes, seed, pass_, shuffle=True)
-        self.per_rank = self.layout.num_samples // world_size
+    def __init__(self, num_members: int, world_size: int, rank: int, seed: int, pass_: int, window: int,
+                 chunk: int = CHUNK) -> None:
+        self.layout = EpochLayout([num_members], seed, pass_, shuffle=True, chunk=chunk)
+        self.per_rank = num_members // world_size
         self.base, self.window, self.key = rank * self.per_rank, window, (seed, pass_, rank)
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -212,10 +200,10 @@ class PassOrder:
         return int(self.members(j, j + 1)[0])
 
 
-def pass_order(block_sizes: Sequence[int], world_size: int, rank: int, seed: int, pass_: int,
-               window: int) -> np.ndarray:
+def pass_order(num_members: int, world_size: int, rank: int, seed: int, pass_: int, window: int,
+               chunk: int = CHUNK) -> np.ndarray:
     """Every member of the rank's pass, in order (tests and small sources; training reads `PassOrder` lazily)."""
-    order = PassOrder(block_sizes, world_size, rank, seed, pass_, window)
+    order = PassOrder(num_members, world_size, rank, seed, pass_, window, chunk)
     return order.members(0, len(order)) if len(order) else np.zeros(0, dtype=np.int64)
 
 
@@ -250,10 +238,11 @@ class MixtureStream(IterableDataset):
         self.window = window_size(1, shuffle_window)
         self.student_size, self.student_interpolation, self.hflip = student_size, student_interpolation, hflip
         self.teacher_size, self.teacher_interpolation, self.top_k = teacher_size, teacher_interpolation, top_k
-        self.block_sizes = tuple(tuple(len(m) for m in s.reader.locals) for s in self.sources)
-        for name, sizes in zip(self.names, self.block_sizes):
-            if sum(sizes) < world_size:
-                raise DataError(f"kd source {name} has {sum(sizes)} samples, fewer than the {world_size} ranks")
+        self.counts = tuple(s.reader.num_members for s in self.sources)
+        self.chunks = tuple(1 if s.reader.members.repeats else CHUNK for s in self.sources)
+        for name, count in zip(self.names, self.counts):
+            if count < world_size:
+                raise DataError(f"kd source {name} has {count} samples, fewer than the {world_size} ranks")
         self._epoch = multiprocessing.RawValue("q", 0)
         self._start = multiprocessing.RawValue("q", 0)
         self._orders: dict[tuple[int, int], PassOrder] = {}
@@ -270,7 +259,7 @@ class MixtureStream(IterableDataset):
         return int(self._epoch.value), int(self._start.value)
 
     def per_rank(self, source: int) -> int:
-        return sum(self.block_sizes[source]) // self.world_size
+        return self.counts[source] // self.world_size
 
     def batch_items(self, epoch: int, batch: int) -> list[Item]:
         """The items of batch `batch` of `epoch` on this rank, source by source."""
@@ -294,8 +283,8 @@ class MixtureStream(IterableDataset):
             if len(self._orders) >= 2 * len(self.sources):  # a worker keeps the passes it is in, not all of them
                 self._orders.pop(next(iter(self._orders)))
             seed = self.seed * 1000 + source
-            self._orders[key] = PassOrder(self.block_sizes[source], self.world_size, self.rank, seed, pass_,
-                                          self.window)
+            self._orders[key] = PassOrder(self.counts[source], self.world_size, self.rank, seed, pass_,
+                                          self.window, self.chunks[source])
         return self._orders[key]
 
     def __iter__(self) -> Iterator[dict]:
@@ -382,21 +371,3 @@ class MixtureLoader(DataLoader):
 
 def _flip(image: np.ndarray, flip: bool) -> np.ndarray:
     return cv2.flip(image, 1) if flip else image
-
-
-def source_blocks(shards: Sequence[tuple[str | Path, int]],
-                  members: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
-    """Blocks of a source: one per shard, holding every sample (`members` None) or the given global sample indices
-    (sorted; repeats allowed), mapped to (shard path, local indices)."""
-    lengths = [int(n) for _, n in shards]
-    starts = np.cumsum([0] + lengths)
-    if members is None:
-        return [(str(p), np.arange(n, dtype=np.int64)) for p, n in shards]
-    members = np.sort(np.asarray(members, dtype=np.int64))
-    shard_of = np.searchsorted(starts, members, side="right") - 1
-    blocks = []
-    for k, (path, _) in enumerate(shards):
-        mine = members[shard_of == k]
-        if len(mine):
-            blocks.append((str(path), mine - starts[k]))
-    return blocks
