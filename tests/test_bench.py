@@ -121,3 +121,18 @@ def test_gpu_check_smoke_runs_every_check_on_the_cpu_and_prints_one_table(synthe
     assert any("resume on cpu: killed epoch end | equal to the uninterrupted run" in row for row in rows), out
     assert any("timm train.py | not run: timm's train.py not found" in row for row in rows), out
     assert last_line(out) == "GPU check: every check passed (smoke, cpu)"
+
+
+@pytest.mark.slow
+def test_scale_bench_measures_each_stage_at_two_sizes_and_prints_the_growth_and_the_goals(tmp_path, capsys):
+    from bench.scale import main
+
+    assert main(["--sizes", "0.01", "0.012", "--stages", "make", "loader", "d3", "kdloader",
+                 "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0]: line for line in out.splitlines() if ":" in line.split("  ")[0]}
+    for figure in ("make: images/s a core", "loader: start-up s (process to 1st batch)", "d3: members (130,000 x 1000)",
+                   "kd loader: worker descriptors", "loader: rank MB (main + 2 workers)"):
+        assert figure in rows and "n/a" not in rows[figure], out
+    assert "130,000,000" in rows["d3: members (130,000 x 1000)"]  # the default D3 at any size
+    assert sum(line.startswith("  [") for line in out.splitlines()) == 6, out  # every goal judged

@@ -162,6 +162,7 @@ INDEX_SUFFIX = ".idx"
 _INDEX_MAGIC = 0x5744_5349_4458_0001  # "WDSIDX" v1
 _INDEX_HEADER = 5  # magic, tar size, fingerprint, end of the last sample, plain
 _FINGERPRINT_BYTES = 1 << 16
+_MAP_INDEX_BYTES = 1 << 20
 
 
 def index_path(path: str | Path) -> Path:
@@ -197,7 +198,11 @@ def write_index(path: str | Path, index: ShardIndex | None = None) -> ShardIndex
 def load_index(path: str | Path, f=None) -> ShardIndex | None:
     """The stored index of a shard, or None where there is none or it belongs to another version of the file."""
     try:
-        stored = np.load(index_path(path), mmap_mode="r", allow_pickle=False)
+        where = index_path(path)
+        # A shard's index (10 KB for 1,250 samples) is read into memory; a kd set's pixel tar (10 MB for 1.28M views)
+        # is memory-mapped, shared through the page cache (a map holds a descriptor of its own).
+        stored = np.load(where, mmap_mode="r" if where.stat().st_size > _MAP_INDEX_BYTES else None,
+                         allow_pickle=False)
         with contextlib.nullcontext(f) if f is not None else open(path, "rb") as own:
             size = os.fstat(own.fileno()).st_size
             if (len(stored) < _INDEX_HEADER or int(stored[0]) != _INDEX_MAGIC or int(stored[1]) != size
@@ -205,7 +210,6 @@ def load_index(path: str | Path, f=None) -> ShardIndex | None:
                 return None
     except (OSError, ValueError):
         return None
-    # Memory-mapped: a kd set's pixel tar of 1.28M views has a 10 MB index, shared through the page cache.
     return ShardIndex(stored[_INDEX_HEADER:], None, int(stored[3]), plain=bool(stored[4]))
 
 
@@ -214,8 +218,9 @@ class ShardFiles:
     there when the directory is writable) and an open file, for the `capacity` most recently used shards.
 
     Bounded whatever the dataset: ImageNet's 1,000 shards of ~1,250 samples through capacity 64 hold 64 descriptors
-    and 64 x 10 KB of offsets in a worker; a shard read again after it was dropped costs one index load (a few
-    hundred microseconds), not a scan of its headers.
+    and 64 x 10 KB of offsets in a worker (an index over 1 MB is memory-mapped instead: one descriptor more); a
+    shard read again after it was dropped costs one index load (a few hundred microseconds), not a scan of its
+    headers.
     """
 
     def __init__(self, capacity: int = 64) -> None:
@@ -265,6 +270,18 @@ class ShardFiles:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["capacity"])
+
+
+_SHARED: dict[int, ShardFiles] = {}
+
+
+def shared_files() -> ShardFiles:
+    """This process's pool, shared by its readers (D1 and D2 read the same shards): one descriptor a shard."""
+    pid = os.getpid()  # a forked worker gets a pool of its own, not its parent's open files
+    if pid not in _SHARED:
+        _SHARED.clear()
+        _SHARED[pid] = ShardFiles()
+    return _SHARED[pid]
 
 
 # The name the readers used before shards had stored indexes; the pool is a drop-in.

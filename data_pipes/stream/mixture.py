@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipes.image.decode import resize
-from data_pipes.shards.read import ShardFiles
+from data_pipes.shards.read import shared_files
 from data_pipes.stream.loader import DataError, _stack, init_loader_worker
 from data_pipes.stream.members import Members
 from data_pipes.stream.plan import CHUNK, EpochLayout, window_size
@@ -115,12 +115,11 @@ class Rendered:
 
 class SourceReader:
     """Reads the members of one source from its shards (`members.Members`: which sample each member is). Runs of
-    consecutive samples of a shard are read in one go through the worker's `ShardFiles` (one open file per shard,
-    the most recent 64 kept)."""
+    consecutive samples of a shard are read in one go through the process's shared `ShardFiles` (one open file per
+    shard, the most recent 64 kept, whatever the sources)."""
 
     def __init__(self, members: Members) -> None:
         self.members = members
-        self._files: ShardFiles | None = None
 
     @property
     def num_members(self) -> int:
@@ -131,8 +130,7 @@ class SourceReader:
 
     def read(self, members: Sequence[int]) -> dict[int, dict | str]:
         """Raw samples of `members` (member -> webdataset sample dict, or the reason it cannot be read)."""
-        if self._files is None:
-            self._files = ShardFiles()
+        files = shared_files()
         unique = np.unique(np.asarray(list(members), dtype=np.int64))
         if not len(unique):
             return {}
@@ -144,7 +142,7 @@ class SourceReader:
         breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(local) > 1)) + 1
         for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(unique)]])):
             path = self.members.paths[int(shard[a])]
-            samples = dict(self._files.read_run(path, int(local[a]), int(local[b - 1]) + 1))
+            samples = dict(files.read_run(path, int(local[a]), int(local[b - 1]) + 1))
             for m, i in zip(unique[a:b], local[a:b]):
                 out[int(m)] = samples[int(i)]
         return out
