@@ -135,4 +135,4 @@ def test_scale_bench_measures_each_stage_at_two_sizes_and_prints_the_growth_and_
                    "kd loader: worker descriptors", "loader: rank MB (main + 2 workers)"):
         assert figure in rows and "n/a" not in rows[figure], out
     assert "130,000,000" in rows["d3: members (130,000 x 1000)"]  # the default D3 at any size
-    assert sum(line.startswith("  [") for line in out.splitlines()) == 6, out  # every goal judged
+    assert sum(line.startswith("  [") for line in out.splitlines()) == 7, out  # every goal judged

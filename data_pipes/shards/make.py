@@ -208,8 +208,11 @@ def write_all(todo: list[ShardSpec], source: Source, recode: Recode, out: Path, 
             for task in tasks:
                 yield write_shard(task, bar.update).record()
         return
-    counter = mp.Value("q", 0)
-    with mp.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool, \
+    # Workers start from a clean interpreter (forkserver), not as forks of this process and its plan: a forked
+    # worker's first garbage collection would copy the plan's pages (1.3M entries: ~1 GB a worker at ImageNet size).
+    ctx = mp.get_context("forkserver")
+    counter = ctx.Value("q", 0)
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool, \
             _bar(total, progress) as bar:
         results = pool.imap_unordered(_write_in_worker, tasks)
         while True:

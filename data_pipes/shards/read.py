@@ -161,7 +161,7 @@ def scan_shard(path: str | Path) -> ShardIndex:
 INDEX_SUFFIX = ".idx"
 _INDEX_MAGIC = 0x5744_5349_4458_0001  # "WDSIDX" v1
 _INDEX_HEADER = 5  # magic, tar size, fingerprint, end of the last sample, plain
-_FINGERPRINT_BYTES = 1 << 16
+_FINGERPRINT_BYTES = 1 << 12
 _MAP_INDEX_BYTES = 1 << 20
 
 
@@ -171,7 +171,7 @@ def index_path(path: str | Path) -> Path:
 
 
 def _fingerprint(f, size: int) -> int:
-    """The tar's size plus a hash of its first and last 64 KB: an index belongs to a shard only while these agree
+    """The tar's size plus a hash of its first and last 4 KB: an index belongs to a shard only while these agree
     (a copy keeps it valid; a shard written again, even at the same size, almost surely does not)."""
     head = os.pread(f.fileno(), _FINGERPRINT_BYTES, 0)
     tail = os.pread(f.fileno(), _FINGERPRINT_BYTES, max(0, size - _FINGERPRINT_BYTES))
@@ -215,37 +215,48 @@ def load_index(path: str | Path, f=None) -> ShardIndex | None:
 
 class ShardFiles:
     """The shards one process reads from: each one's index (stored beside it: loaded, else scanned once and stored
-    there when the directory is writable) and an open file, for the `capacity` most recently used shards.
+    there when the directory is writable) for the `indexes` most recently used shards, and an open file for the
+    `capacity` most recently used.
 
-    Bounded whatever the dataset: ImageNet's 1,000 shards of ~1,250 samples through capacity 64 hold 64 descriptors
-    and 64 x 10 KB of offsets in a worker (an index over 1 MB is memory-mapped instead: one descriptor more); a
-    shard read again after it was dropped costs one index load (a few hundred microseconds), not a scan of its
-    headers.
+    Bounded whatever the dataset: through ImageNet's 1,000 shards of ~1,250 samples a worker holds 64 descriptors
+    and at most 1,024 x 10 KB of offsets (an index over 1 MB, a kd set's pixel tar, is memory-mapped instead and
+    counts as an open file: one descriptor more); a window of 1,024 samples reads ~16 shards, so the offsets of every
+    shard stay at hand and re-opening a dropped file costs an open(), not an index load or a scan.
     """
 
-    def __init__(self, capacity: int = 64) -> None:
-        self.capacity = capacity
-        self._open: OrderedDict[str, tuple[ShardIndex, object | None]] = OrderedDict()
+    def __init__(self, capacity: int = 64, indexes: int = 1024) -> None:
+        self.capacity, self.indexes = capacity, indexes
+        self._index: OrderedDict[str, ShardIndex] = OrderedDict()
+        self._open: OrderedDict[str, object | None] = OrderedDict()
 
     def _entry(self, path: str) -> tuple[ShardIndex, object | None]:
         if path in self._open:
             self._open.move_to_end(path)
-            return self._open[path]
-        try:
-            f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open across runs, closed when dropped
-        except OSError:
-            f = None
+            f = self._open[path]
+        else:
+            try:
+                f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open across runs, closed when dropped
+            except OSError:
+                f = None
+            while len(self._open) >= self.capacity:
+                old = self._open.popitem(last=False)[1]
+                if old is not None:
+                    old.close()
+            self._open[path] = f
+        if path in self._index:
+            self._index.move_to_end(path)
+            return self._index[path], f
         index = load_index(path, f) if f is not None else None
         if index is None:
             index = scan_shard(path)
             if f is not None and index.error is None:
                 with contextlib.suppress(OSError):  # a read-only dataset: every process scans (as before)
                     write_index(path, index)
-        while len(self._open) >= self.capacity:
-            _, (_, old) = self._open.popitem(last=False)
-            if old is not None:
-                old.close()
-        self._open[path] = (index, f)
+        mapped = isinstance(index.offsets, np.memmap)
+        limit = self.capacity if mapped else self.indexes
+        while len(self._index) >= limit:
+            self._index.popitem(last=False)
+        self._index[path] = index
         return index, f
 
     def get(self, path: str) -> ShardIndex:
@@ -260,16 +271,17 @@ class ShardFiles:
         return len(self._open)
 
     def close(self) -> None:
-        for _, f in self._open.values():
+        for f in self._open.values():
             if f is not None:
                 f.close()
         self._open.clear()
+        self._index.clear()
 
     def __getstate__(self) -> dict:  # open files stay in their process; a copy starts empty
-        return {"capacity": self.capacity}
+        return {"capacity": self.capacity, "indexes": self.indexes}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["capacity"])
+        self.__init__(state["capacity"], state["indexes"])
 
 
 _SHARED: dict[int, ShardFiles] = {}
