@@ -23,21 +23,24 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data_pipes.errors import UserError
+from data_pipes.errors import Problems, UserError
 from data_pipes.launch import work_share
-from data_pipes.shards.metadata import read_info
+from data_pipes.shards.metadata import DatasetInfo
+from data_pipes.shards.prepare import prepare_dataset
 from data_pipes.stream.loader import init_loader_worker
 from distill.identity import build_identity, versions
 from distill.kdset import BUILD_FILE, MANIFEST, KDSetError, block_path, read_json, record_dtype, write_json
+from distill.recipe import check_inputs
 from distill.render import BlockWriter, Task, ViewRenderer, views_done
 from distill.select import build_selector, score, score_args, wait_for_selection, with_selection
 from distill.sources import SourceConfig, build_teacher, source_configs, view_size
 from distill.teacher import Teacher, autocast_bf16, release, resolve_device
-from train.nets.configs import CONF_DIR, TRAIN_CONFIG, plain
+from train.nets.configs import CONF_DIR, TRAIN_CONFIG, plain, remove_if_empty
 
 log = logging.getLogger("distill.build")
 
@@ -45,11 +48,10 @@ log = logging.getLogger("distill.build")
 def build(cfg, *, share: tuple[int, int] | None = None, stop_after: int | None = None) -> Path:
     """Build (or resume) the kd sets of `cfg`; returns their directory. `stop_after` blocks: for tests of resume."""
     kd = plain(cfg.kd)
-    if not kd["sets"]:
-        raise KDSetError("set kd.sets=DIR: where the labelled views are written")
-    if kd["storage"] not in ("params", "pixels"):
-        raise KDSetError(f"kd.storage must be params or pixels, got {kd['storage']!r}")
-    info = read_info(cfg.data.root)
+    info = preflight(cfg, kd)
+    if int(kd["top_k"]) > info.num_classes:  # the identity records the same min (distill.identity)
+        log.info("kd.top_k=%s is more than the data's %d classes: every class's probability is stored",
+                 kd["top_k"], info.num_classes)
     teacher = build_teacher(kd, info)
     student_size = int(cfg.data.img_size or cfg.model.resolution)
     size = view_size(kd, student_size, teacher)
@@ -80,6 +82,24 @@ def build(cfg, *, share: tuple[int, int] | None = None, stop_after: int | None =
     return out
 
 
+def preflight(cfg, kd: dict) -> DatasetInfo:
+    """Every problem the build can see before it writes anything (`_build.json` included), at once."""
+    problems = Problems("the build could start")
+    if not kd["sets"]:
+        problems.add("kd.sets is not set: pass kd.sets=DIR, where the labelled views are written")
+    if kd["storage"] not in ("params", "pixels"):
+        problems.add(f"kd.storage={kd['storage']!r}: choose params (~72 bytes a view, replayed from the shards) or "
+                     f"pixels (the views' JPEGs)")
+    if kd["method"] != "soft_target":
+        problems.add(f"kd.method={kd['method']!r} labels each batch online: only the MNv4 recipe (kd=mnv4) is built")
+    info = None
+    with problems.collect():
+        info = prepare_dataset(cfg.data.root)
+    check_inputs(kd, info, problems, building=True)
+    problems.raise_if_any()
+    return info
+
+
 def _build_blocks(sources: list[SourceConfig], me: int, count: int, teacher: Teacher, kd: dict, out: Path,
                   budget: list) -> None:
     """Label this share's unfinished blocks of `sources` (block n of the list goes to share n mod count)."""
@@ -99,7 +119,10 @@ def _claim(out: Path, identity: dict) -> None:
     existing = out / BUILD_FILE
     if existing.is_file():
         before = read_json(existing)
-        if before != identity:
+        if before != identity and not any(p.name != BUILD_FILE for p in out.iterdir()):
+            log.info("%s: nothing was built under its earlier configuration; it now holds this one", out)
+            write_json(existing, identity)
+        elif before != identity:
             diff = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
             raise KDSetError(f"{out} holds kd sets built with another configuration (differs in {', '.join(diff)}): "
                              f"build into a new kd.sets directory, or delete this one")
@@ -116,7 +139,7 @@ def _label(todo: list[Task], sources: list[SourceConfig], teacher: Teacher, kd: 
     device = resolve_device(b["device"])
     teacher.to(device)
     autocast = autocast_bf16(device, b["precision"])
-    top_k = int(kd["top_k"])
+    top_k = min(int(kd["top_k"]), len(teacher.label_names))
     renderer = ViewRenderer(sources, todo, int(kd["seed"]), teacher.img_size, teacher.interpolation,
                             int(b["batch_size"]), int(b["checks_per_block"]), kd["storage"])
     loader = DataLoader(renderer, batch_size=None, num_workers=int(b["num_workers"]),
@@ -170,6 +193,8 @@ def main() -> None:
         except UserError as e:  # bad input: the message says what to fix, without a stack trace
             log.error("%s", e)
             sys.exit(2)
+        finally:  # the build writes into kd.sets only: the run directory Hydra made for it goes
+            remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
 
     _run()
 

@@ -44,7 +44,9 @@ def build_identity(kd: Mapping[str, Any], sources: Sequence[SourceConfig], teach
     return json_values({
         "teacher": teacher.identity,
         "label_names": list(label_names),
-        "storage": kd["storage"], "top_k": int(kd["top_k"]), "seed": int(kd["seed"]), "view_size": size,
+        # top_k beyond the class count stores every class (distill.build says so once)
+        "storage": kd["storage"], "top_k": min(int(kd["top_k"]), len(label_names)), "seed": int(kd["seed"]),
+        "view_size": size,
         "sources": {s.name: {"index": s.index, "root": str(s.root), "info_sha256": info_sha256(s.root),
                              "replicas": s.replicas, "labelled": s.labelled, "recipe": _recipe_dict(s)}
                     | ({"selection": selection_identity(kd)} if s.selected else {})

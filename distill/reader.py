@@ -8,6 +8,7 @@ no longer render to the checksums the build stored (naming the libraries that ch
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,3 +139,46 @@ def _compare(root: Path, built: dict, now: dict) -> None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) < 200 else text[:200] + "..."
+
+
+def recorded_settings(root: Path) -> dict[str, Any]:
+    """The kd settings built kd sets record (their manifest), as `key -> value` with the config's keys; {} when
+    `root` holds no manifest (the preflight says so)."""
+    path = Path(root).expanduser() / MANIFEST
+    if not path.is_file():
+        return {}
+    manifest = read_json(path)
+    out = {f"kd.{k}": manifest[k] for k in ("storage", "top_k", "seed", "view_size") if k in manifest}
+    for name, source in manifest.get("sources", {}).items():
+        out[f"kd.sources.{name}.replicas"] = source["replicas"]
+        for key, value in (source.get("selection") or {}).items():  # D3: selector, threshold, per_class
+            out[f"kd.sources.{name}.{key}"] = None if key == "selector" and value == "teacher" else value
+    return out
+
+
+def adopt_recorded(kd: dict[str, Any], explicit: set[str] | None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Training on built sets takes the settings they were built with for every key the command did not set
+    (`explicit`: the command line's keys; None: none known). Returns (the kd settings, what was taken, the
+    conflicts: an explicit value that differs from the recorded one, named with both values)."""
+    if not kd.get("sets"):
+        return kd, {}, []
+    root = Path(str(kd["sets"])).expanduser()
+    recorded = recorded_settings(root)
+    classes = len(read_json(root / MANIFEST).get("label_names", [])) if recorded else 0
+    kd, taken, conflicts = json.loads(json.dumps(kd)), {}, []
+    for key, was in recorded.items():
+        *parents, leaf = key.split(".")[1:]
+        node = kd
+        for part in parents:
+            node = node.setdefault(part, {})
+        now = node.get(leaf)
+        if now == was or (leaf == "top_k" and isinstance(now, int) and min(now, classes) == was):
+            continue  # a top_k beyond the class count was stored as the class count
+        if explicit is not None and any(key == e or key.startswith(e + ".") for e in explicit):
+            conflicts.append(f"kd.sets={kd['sets']} was built with {key}={was}, and this command sets {key}={now}: "
+                             f"drop the override to train on these sets, or build new ones with it (python -m "
+                             f"distill.build ... {key}={now} kd.sets=<a new directory>)")
+            continue
+        node[leaf] = was
+        taken[key] = was
+    return kd, taken, conflicts

@@ -16,19 +16,20 @@ from typing import Any
 
 from torch import nn
 
+from data_pipes.errors import Problems
 from data_pipes.image.augment import build_eval_transform, build_train_transform
 from data_pipes.image.decode import resize
 from data_pipes.launch import work_share
-from data_pipes.shards.metadata import DatasetInfo
+from data_pipes.shards.metadata import DatasetInfo, read_info
 from data_pipes.stream.datamodule import MixtureDataModule, ShardDataModule
 from data_pipes.stream.mixture import MixtureStream, SourceReader
 from distill.identity import selection_identity
-from distill.kdset import KDSetError, read_json
+from distill.kdset import BUILD_FILE, MANIFEST, KDSetError, read_json
 from distill.objectives import LogitDistillation, SoftTargetDistillation
 from distill.reader import KDSets
 from distill.select import build_selector, score, score_args, wait_for_selection, with_selection
 from distill.sources import SourceConfig, build_teacher, source_configs, view_size
-from distill.teacher import Teacher, release
+from distill.teacher import Teacher, load_teacher, release
 from distill.validation import TeacherValidation, WithTeacherView
 from distill.views import OnlineViews, StoredViews
 
@@ -89,6 +90,36 @@ def build_distillation(kd: Mapping[str, Any], info: DatasetInfo, data_config: Ma
                                        source_names=[s.name for s in sources],
                                        teacher=teacher if kd_sets is None else None)
     return Distillation(teacher, datamodule, objective, TeacherValidation(teacher), record)
+
+
+def check_inputs(kd: Mapping[str, Any], info: DatasetInfo | None, problems: Problems, *,
+                 building: bool = False) -> None:
+    """The preflight of `distill=true` and of `distill.build` (nothing written): the method, the teacher (it loads
+    and predicts the data's classes), the shards of every source in use, and (training, not `building`) that
+    `kd.sets` holds built sets. Whether the sets fit this run is checked when they open (it needs the views'
+    sizes), still before the run writes anything."""
+    if kd["method"] not in METHODS:
+        problems.add(f"kd.method={kd['method']!r} is not a method: choose one of {', '.join(METHODS)} (kd=mnv4 or "
+                     f"kd=logit set it)")
+    with problems.collect():
+        if info is not None:
+            build_teacher(kd, info)
+        else:
+            load_teacher(kd["teacher"], weights=kd["teacher_weights"], labels=kd["teacher_labels"])
+    if kd["method"] != "soft_target":
+        return
+    for source in (kd.get("sources") or {}).values():
+        root = (source or {}).get("root")
+        weight = (source or {}).get("weight") or 0
+        if root and weight > 0 and (info is None or Path(str(root)).expanduser() != Path(info.root)):
+            with problems.collect():
+                read_info(root, check_files=False)
+    if kd.get("sets") and not building:
+        root = Path(str(kd["sets"])).expanduser()
+        if not (root / MANIFEST).is_file() and not (root / BUILD_FILE).is_file():
+            problems.add(f"kd.sets={root} holds no built kd sets: build them with `python -m distill.build <the same "
+                         f"overrides> kd.sets={root}`, or train online (the teacher labels each view) with "
+                         f"kd.sets=null")
 
 
 def _open_sets(kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teacher, info: DatasetInfo,

@@ -192,7 +192,7 @@ def signal_inside(monkeypatch, name: str) -> None:
 
 def test_a_requeue_signal_during_start_up_requeues_the_job_at_once_with_nothing_written(
         tmp_path, synthetic_shards, launcher, monkeypatch):
-    signal_inside(monkeypatch, "prepare_dataset")  # start-up: reading the data (online D3 scoring: hours of it)
+    signal_inside(monkeypatch, "preflight")  # start-up: reading the data, the teacher, the checkpoint
     with pytest.raises(Requeued, match="SIGUSR1 during start-up: requeued"):
         run(synthetic_shards, tmp_path)
     assert launcher == [signal.SIGUSR1]  # the launcher's handler requeued the job

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import compose_run
 
-from data_pipes.errors import UserError
+from data_pipes.errors import Problems, UserError
 from data_pipes.launch import run_name, this_process, work_share
 from data_pipes.shards.make import make_shards
 from data_pipes.shards.synthetic import make_image_folder
-from train.cluster.resume import ResumeError
 from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,11 +91,11 @@ def test_resuming_with_another_model_or_other_classes_is_refused_before_anything
     before = files_of(run_with_a_checkpoint)
     common = (f"run_dir={run_with_a_checkpoint}", "logger.wandb.enabled=true", "logger.wandb.mode=offline",
               "trainer.max_epochs=2")
-    with pytest.raises(ResumeError, match="its model is mobilenetv3_small_075, this run's mobilenetv3_small_100"):
+    with pytest.raises(Problems, match="its model is mobilenetv3_small_075, this run's mobilenetv3_small_100"):
         train(compose_run(*common, "model=mnv3_s_100", f"data.root={synthetic_shards}"))
     images = make_image_folder(tmp_path / "four", num_classes=4, train_per_class=4, val_per_class=2, size=32)
     make_shards(images, tmp_path / "four-shards", samples_per_shard=64, workers=1, progress=False)
-    with pytest.raises(ResumeError, match="its data has 10 classes, this run's 4"):
+    with pytest.raises(Problems, match="its data has 10 classes, this run's 4"):
         train(compose_run(*common, f"data.root={tmp_path / 'four-shards'}"))
     assert files_of(run_with_a_checkpoint) == before  # no W&B segment, no log row, no file
 
@@ -105,6 +104,6 @@ def test_a_fresh_start_over_a_run_is_refused_and_keeps_its_checkpoints_and_log_r
                                                                                    synthetic_shards):
     before = files_of(run_with_a_checkpoint)
     assert b"val/acc1" in before["csv/metrics.csv"]
-    with pytest.raises(ResumeError, match="already holds a run .* ckpt_path=auto"):
+    with pytest.raises(Problems, match="already holds a run .* ckpt_path=auto"):
         train(compose_run(f"run_dir={run_with_a_checkpoint}", f"data.root={synthetic_shards}", "ckpt_path=null"))
     assert files_of(run_with_a_checkpoint) == before

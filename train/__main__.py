@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from data_pipes.errors import UserError
 from train.cluster.requeue import Requeued, Stopped
-from train.nets.configs import CONF_DIR, TRAIN_CONFIG
+from train.nets.configs import CONF_DIR, TRAIN_CONFIG, remove_if_empty
+from train.preflight import misspelled_override
 from train.run import train
 
 log = logging.getLogger("train")
@@ -30,8 +32,13 @@ def main(cfg: DictConfig) -> None:
         sys.exit(128 + (e.signum or signal.SIGTERM))
     except UserError as e:  # bad input, not a bug: say what is wrong and how to fix it, without a stack trace
         log.error("%s", e)
+        remove_if_empty(Path(str(cfg.run_dir)))
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    problem = misspelled_override(sys.argv[1:])
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

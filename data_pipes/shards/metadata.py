@@ -103,13 +103,19 @@ def info_sha256(root: str | os.PathLike) -> str:
 
 def read_info(root: str | os.PathLike, *, check_files: bool = True) -> DatasetInfo:
     """Read and validate a shard directory; every problem is reported with what was expected and how to fix it."""
-    root = Path(root).expanduser()
+    root = Path(os.path.abspath(Path(root).expanduser()))  # recorded in checkpoints: valid from any working directory
     if not root.is_dir():
         raise DatasetError(
             f"data.root={root} does not exist. Point data.root at a directory of WebDataset shards "
             f"(train-*.tar, val-*.tar, {INFO_FILE}); make one from an ImageNet-style folder with: {MAKE_SHARDS_HINT}"
         )
     path = root / INFO_FILE
+    if not path.is_file() and _is_image_folder(root):
+        raise DatasetError(
+            f"data.root={root} is a folder of images, not shards: make shards from it once with `python -m "
+            f"data_pipes.shards.make --src {root} --out {root.parent / (root.name + '-wds')}`, then train with "
+            f"data.root={root.parent / (root.name + '-wds')}"
+        )
     if not path.is_file():
         tars = sorted(p.name for p in root.glob("*.tar"))
         found = f"it holds {len(tars)} .tar files but no {INFO_FILE}" if tars else "it is empty of shards"
@@ -156,3 +162,25 @@ def _check_files(info: DatasetInfo) -> None:
                 f"(first: {extra[0]}): the metadata does not match the tar files. Re-run make_shards on the same "
                 f"--out to finish an interrupted write, or remove the stray files."
             )
+
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def _is_image_folder(root: Path, look: int = 200) -> bool:
+    """Whether `root` looks like an ImageNet-layout folder (train/<class>/<image>) or a folder of images: a bounded
+    look at the first entries, never a walk of the whole tree."""
+    for top in (root / "train", root):
+        if not top.is_dir():
+            continue
+        for i, entry in enumerate(top.iterdir()):
+            if i >= look:
+                break
+            if entry.is_file() and entry.suffix.lower() in _IMAGE_SUFFIXES:
+                return True
+            if entry.is_dir():
+                inner = next((p for _, p in zip(range(look), entry.iterdir())
+                              if p.suffix.lower() in _IMAGE_SUFFIXES), None)
+                if inner is not None:
+                    return True
+    return False

@@ -32,6 +32,15 @@ class RunData:
     paper: dict[str, Any] = field(default_factory=dict)  # the model config's published numbers
     provenance: dict[str, Any] = field(default_factory=dict)
     curve: list[dict[str, float]] = field(default_factory=list)  # val rows: epoch, images_seen, val/acc1
+    status: str = "finished"  # finished | running | stopped (a signal; it resumes) | failed (with `error`)
+    error: str | None = None
+
+    @property
+    def state(self) -> str:
+        """The table's status cell: empty for a finished run, else the state (and a failed run's error)."""
+        if self.status == "finished":
+            return ""
+        return f"{self.status}: {self.error[:80]}" if self.error else self.status
 
     def get(self, key: str) -> Any:
         return self.summary.get(key)
@@ -86,7 +95,8 @@ def load_run(path: Path, name: str | None = None) -> RunData:
     run = record.get("run") or {}
     return RunData(name=name or _label(run, path.name), source=str(path), run=run, summary=record.get("summary") or {},
                    paper=record.get("paper") or {}, provenance=record.get("provenance") or {},
-                   curve=_csv_curve(path / "csv" / "metrics.csv"))
+                   curve=_csv_curve(path / "csv" / "metrics.csv"),
+                   status=record.get("status", "finished"), error=record.get("error"))
 
 
 def _label(run: Mapping[str, Any], fallback: str) -> str:
@@ -144,7 +154,12 @@ def from_wandb_run(run: Any) -> RunData:
              if all(row.get(k) is not None for k in CURVE_KEYS)]
     return RunData(name=_label(described, run.name), source=f"wandb:{'/'.join(run.path)}", run=described,
                    summary=summary, paper=dict(model.get("paper") or {}), provenance=config.get("provenance") or {},
-                   curve=curve)
+                   curve=curve, status=_WANDB_STATES.get(getattr(run, "state", "finished"), "finished"))
+
+
+# W&B's run states -> ours (a crashed run stopped without saying why: failed)
+_WANDB_STATES = {"finished": "finished", "running": "running", "failed": "failed", "crashed": "failed",
+                 "killed": "stopped", "preempted": "stopped", "preempting": "stopped"}
 
 
 def _scalar(value: Any) -> bool:

@@ -25,6 +25,7 @@ def _summary(header: str, key: str, spec: str) -> Column:
 
 COLUMNS: list[Column] = [
     ("run", lambda r: r.name, "s"),
+    ("status", lambda r: r.state, "s"),  # empty when finished; a failed run says so, and why
     ("model", lambda r: r.run.get("model"), "s"),
     ("recipe", lambda r: r.run.get("recipe"), "s"),
     ("kd", lambda r: _flag(r.run.get("distill")), "s"),

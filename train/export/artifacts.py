@@ -118,8 +118,8 @@ def export_model(
         metrics.update(record or {})
         _write_json(stage / METRICS_FILE, metrics)
         files = _publish(stage, out_dir)
-    log.info("export: %s -> %s (top1 %s, top5 %s on %d images; ONNX max |dlogit| %.3g)", architecture, out_dir,
-             metrics["top1"], metrics["top5"], metrics["val_images"], onnx_diff)
+    log.info("export: %s -> %s (top-1 %s, top-5 %s on %d images; ONNX max |dlogit| %.3g)", architecture, out_dir,
+             _pct(metrics["top1"]), _pct(metrics["top5"]), metrics["val_images"], onnx_diff)
     return ExportReport(out_dir=out_dir, files=files, metrics=metrics, reload_max_abs_diff=reload_diff,
                         logit_scale=scale, onnx_bound=ONNX_REL_TOL * scale)
 
@@ -167,7 +167,7 @@ def check_onnx(path: Path, model: nn.Module, x: torch.Tensor) -> float:
         ref = model(x).numpy()
     diff, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max())
     bound = ONNX_REL_TOL * scale
-    log.info("ONNX check on %d images: max |logit difference| %.3g (logit scale %.3g, bound %.3g)",
+    log.debug("ONNX check on %d images: max |logit difference| %.3g (logit scale %.3g, bound %.3g)",
              x.size(0), diff, scale, bound)
     if not diff <= bound:  # also catches NaN
         raise ExportError(f"{path.name} disagrees with PyTorch: max |logit difference| {diff:.3g} exceeds "
@@ -277,3 +277,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _pct(value) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)

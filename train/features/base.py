@@ -15,6 +15,7 @@ from lightning import Callback
 from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 
+from data_pipes.errors import Problems
 from data_pipes.shards.metadata import DatasetInfo
 from data_pipes.stream.datamodule import ShardDataModule
 
@@ -50,6 +51,10 @@ class ExportContext:
 
 class Feature:
     """An optional feature of a run; each hook returns its part unchanged unless the feature changes it."""
+
+    def preflight(self, problems: Problems, *, info: DatasetInfo | None, trainer: Mapping[str, Any]) -> None:
+        """Add a problem for each input of the feature that would stop the run (train.preflight, before anything is
+        written). `info`: the data, None when it was refused; `trainer`: the `trainer` group as configured."""
 
     def regularisation(self, rates: dict[str, float | None]) -> dict[str, float | None]:
         """The network's dropout and stochastic-depth rates."""
@@ -95,6 +100,10 @@ class Features(Feature):
 
     def __init__(self, features: Iterable[Feature]) -> None:
         self.features = tuple(features)
+
+    def preflight(self, problems: Problems, *, info: DatasetInfo | None, trainer: Mapping[str, Any]) -> None:
+        for feature in self.features:
+            feature.preflight(problems, info=info, trainer=trainer)
 
     def regularisation(self, rates: dict[str, float | None]) -> dict[str, float | None]:
         for feature in self.features:

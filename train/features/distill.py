@@ -16,10 +16,12 @@ from typing import Any
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
+from data_pipes.errors import Problems
 from data_pipes.shards.metadata import DatasetInfo
-from distill.recipe import Distillation, build_distillation
+from distill.reader import adopt_recorded
+from distill.recipe import Distillation, build_distillation, check_inputs
 from train.features.base import DataParts, Feature
-from train.nets.configs import plain
+from train.nets.configs import command_line_keys, plain
 from train.objective import NoMixing
 from train.tracking.lineage import use_inputs
 
@@ -28,8 +30,10 @@ log = logging.getLogger(__name__)
 
 class KnowledgeDistillation(Feature):
     def __init__(self, kd: Mapping[str, Any], *, train_aug: Mapping[str, Any], label_smoothing: float,
-                 train_dct_reduce: bool, eval_dct_reduce: bool, selection_dir: Path) -> None:
+                 train_dct_reduce: bool, eval_dct_reduce: bool, selection_dir: Path,
+                 conflicts: Sequence[str] = ()) -> None:
         self.kd = dict(kd)
+        self.conflicts = list(conflicts)  # explicit settings that the built kd sets refuse (the preflight says so)
         self.train_aug, self.label_smoothing = dict(train_aug), label_smoothing
         self.train_dct_reduce, self.eval_dct_reduce = train_dct_reduce, eval_dct_reduce
         self.selection_dir = selection_dir
@@ -37,14 +41,23 @@ class KnowledgeDistillation(Feature):
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> KnowledgeDistillation:
-        kd = plain(cfg.kd)
+        # Built kd sets record the settings they were built with: take those the command did not set.
+        kd, taken, conflicts = adopt_recorded(plain(cfg.kd), command_line_keys())
+        if taken:
+            log.info("kd.sets=%s was built with %s: taken from it", kd["sets"],
+                     ", ".join(f"{k}={v}" for k, v in taken.items()))
         if kd["teacher"] is None and cfg.qat and cfg.init_from:
             # qat=true distill=true: the float model QAT starts from is the natural teacher of its fake-quant copy.
             kd["teacher"] = str(cfg.init_from)
             log.info("kd.teacher: the float model of init_from=%s", cfg.init_from)
         return cls(kd, train_aug=plain(cfg.aug.train), label_smoothing=float(cfg.label_smoothing),
                    train_dct_reduce=bool(cfg.data.train_dct_reduce), eval_dct_reduce=bool(cfg.data.eval_dct_reduce),
-                   selection_dir=Path(str(cfg.run_dir)) / "kd_selection")
+                   selection_dir=Path(str(cfg.run_dir)) / "kd_selection", conflicts=conflicts)
+
+    def preflight(self, problems: Problems, *, info: DatasetInfo | None, trainer: Mapping[str, Any]) -> None:
+        for conflict in self.conflicts:
+            problems.add(conflict)
+        check_inputs(self.kd, info, problems)
 
     def regularisation(self, rates: dict[str, float | None]) -> dict[str, float | None]:
         # The recipe's own dropout and stochastic depth (kd.drop_rate, kd.drop_path_rate), where it sets them.

@@ -14,11 +14,12 @@ from lightning import Callback
 from omegaconf import DictConfig
 from torch import nn
 
+from data_pipes.errors import Problems
 from data_pipes.shards.metadata import DatasetInfo
 from train.features.base import ExportContext, Feature
 from train.nets.configs import plain
 from train.quant.backend import QuantError
-from train.quant.recipe import QATSchedule, build_network, export_int8, float_model
+from train.quant.recipe import QATSchedule, build_network, export_int8, float_model, load_float
 from train.tracking.loggers import record_summary
 
 FP32 = ("auto", "32", "32-true")
@@ -31,6 +32,13 @@ class QuantizationAware(Feature):
     @classmethod
     def from_config(cls, cfg: DictConfig) -> QuantizationAware:
         return cls(init_from=cfg.init_from, model_name=str(cfg.model.name), quant=plain(cfg.quant))
+
+    def preflight(self, problems: Problems, *, info: DatasetInfo | None, trainer: Mapping[str, Any]) -> None:
+        with problems.collect():
+            self.trainer(dict(trainer))
+        with problems.collect():  # the float model QAT starts from: set, ours, the same model and classes
+            load_float(self.init_from, name=self.model_name,
+                       label_names=info.label_names if info is not None else None)
 
     def wrap_network(self, model: nn.Module, *, img_size: int, info: DatasetInfo) -> nn.Module:
         return build_network(model, init_from=self.init_from, name=self.model_name, label_names=info.label_names,

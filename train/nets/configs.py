@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipes.launch import run_name
@@ -53,3 +54,26 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     it unresolved) when composing here."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=TRAIN_CONFIG, overrides=list(overrides))
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Hydra makes the run directory before the command's function runs; a command that wrote nothing there (a
+    start refused by its preflight, a `distill.build`) leaves none behind, nor an emptied `runs/<model>/`."""
+    for directory in (run_dir, run_dir.parent):
+        try:
+            directory.rmdir()  # only when empty
+        except OSError:
+            return
+
+
+def command_line_keys() -> set[str] | None:
+    """The config keys the command line set (`key=value`, `+key=value`, `~key`), config groups left out (choosing
+    `kd=mnv4` sets no key); None outside a Hydra app (a composed config does not say which values were typed)."""
+    if not HydraConfig.initialized():
+        return None
+    keys = set()
+    for override in HydraConfig.get().overrides.task:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key and not key.startswith("hydra.") and not (CONF_DIR / key.replace(".", "/")).is_dir():
+            keys.add(key)
+    return keys

@@ -98,6 +98,19 @@ def load_exported(export_dir: str | os.PathLike) -> nn.Module:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint of `python -m train` as plain data (never unpickling code), with the keys a network needs."""
     path = Path(path)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        ckpts = path.parent / "checkpoints"
+        raise LoadError(f"{path} is an export directory, not a checkpoint: it is what an export writes. Export a "
+                        f"checkpoint again with: python -m train.export "
+                        f"{ckpts / 'last.ckpt' if ckpts.is_dir() else '<run dir>/checkpoints/last.ckpt'}")
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        raise LoadError(f"{path} is a run directory, not a checkpoint: export one of its checkpoints, e.g. python -m "
+                        f"train.export {path / 'checkpoints' / 'last.ckpt'} (or best.ckpt)")
+    if path.is_dir():
+        held = sorted(p.name for p in path.glob("*.ckpt"))
+        raise LoadError(f"{path} is a directory, not a checkpoint" + (f": it holds {', '.join(held[:4])}; name one"
+                                                                        if held else f"; checkpoints are written by "
+                                                                        f"{TRAIN_HINT}"))
     if not path.is_file():
         raise LoadError(f"checkpoint {path} does not exist; checkpoints are written by {TRAIN_HINT}")
     try:

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 INIT_FROM = Settings("init_from")  # an export directory or a checkpoint of ours; never a timm name
 
 
-def load_float(init_from: str | None, *, name: str, label_names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The float weights of `init_from` for `name` with these classes (an export dir or a checkpoint of ours)."""
+def load_float(init_from: str | None, *, name: str, label_names: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """The float weights of `init_from` for `name` with these classes (an export dir or a checkpoint of ours;
+    `label_names` None: any classes, for a preflight whose data was refused)."""
     if not init_from:
         raise QuantError("qat=true fine-tunes a trained float model: set init_from=<run>/export or a checkpoint "
                          "(<run>/checkpoints/best.ckpt) of the same model")
@@ -53,7 +54,7 @@ def load_float(init_from: str | None, *, name: str, label_names: Sequence[str]) 
         raise QuantError(f"init_from={path} holds {trained.architecture}, but this run's model is {name}: pick the "
                          f"model= it was trained as, or another init_from")
     labels = list(trained.label_names)
-    if labels and labels != list(label_names):
+    if labels and label_names is not None and labels != list(label_names):
         raise QuantError(f"init_from={path} was trained on {len(labels)} classes ({', '.join(labels[:3])}, ...), "
                          f"this data has {len(label_names)} ({', '.join(list(label_names)[:3])}, ...): QAT needs "
                          f"the float model's own classes")

@@ -111,6 +111,11 @@ class ServiceSafeWandbLogger(WandbLogger):
 
     lost = False
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Lightning passes `anonymous=None` to wandb.init, which W&B 0.19+ answers with a deprecation warning.
+        self._wandb_init.pop("anonymous", None)
+
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         wandb_call(self, lambda: super(ServiceSafeWandbLogger, self).log_metrics(metrics, step))
 
@@ -171,6 +176,9 @@ def build_loggers(
         logger = ServiceSafeWandbLogger(
             project=project, entity=entity, name=identity.name, group=identity.group, tags=identity.tags,
             save_dir=str(run_dir), job_type="train", config=config, id=wandb_run_id(run_dir), resume="allow",
+            # W&B's banner and run summary: the run's final line says where its data is (offline, W&B says nothing
+            # else a person needs; online, its warnings stay).
+            settings={"silent": True} if mode == "offline" else {"quiet": True},
         )
         loggers.append(logger)
     if csv:
@@ -213,3 +221,17 @@ def close_loggers(loggers: Sequence[Logger], *, success: bool, preempted: bool =
                 wandb_call(logger, logger.experiment.mark_preempting)
             wandb_call(logger, lambda logger=logger: logger.experiment.finish(exit_code=0 if success else 1))
             logger._experiment = None  # a later use starts (resumes) the run again instead of logging to a closed one
+
+
+def wandb_location(loggers: Sequence[Logger]) -> str | None:
+    """Where the run's W&B data is: its URL online; offline, the directory and the command that uploads it."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and not getattr(logger, "lost", False):
+            try:
+                run = logger.experiment
+                if os.environ.get("WANDB_MODE") == "offline":
+                    return f"W&B offline: wandb sync {Path(run.dir).parent}"
+                return f"W&B {run.url}"
+            except Exception:  # a W&B that cannot say where it is must not fail a finished run
+                return None
+    return None

@@ -70,11 +70,13 @@ class RunSummary(Callback):
         previous = (read_summary(run_dir) or {}).get("summary", {})
         self.values: dict[str, Any] = {**previous, **static}
         self.paper = dict(paper or {})
+        self.status, self.error = "starting", None
         self.provenance = dict(provenance)
         self.clock = clock
         self.values.update({f"paper/{k}": v for k, v in self.paper.items() if isinstance(v, (int, float))})
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.status, self.error = "running", None
         self.values["val/precision"] = str(trainer.precision)  # what val/acc1 was measured in (export: fp32)
         self.values["devices"] = trainer.world_size
         self._write(trainer)
@@ -101,9 +103,16 @@ class RunSummary(Callback):
             self.values.update(export_summary(export_metrics))
         self.values["global_step"] = trainer.global_step
         row = self.flat()  # one reading of the clock: summary.json and W&B hold the same cost values
+        self.status = "finished"
         self._write(trainer, row)
         record_summary(loggers, row)
         return row
+
+    def end(self, trainer: Trainer, error: BaseException | None) -> None:
+        """A start that ended without finishing: `stopped` on a signal (it resumes), `failed` with the error."""
+        self.status = "stopped" if error is None else "failed"
+        self.error = None if error is None else f"{type(error).__name__}: {str(error).strip()[:500]}"
+        self._write(trainer)
 
     def flat(self) -> dict[str, Any]:
         values = {**self.values, **_cost(self.clock)}
@@ -117,8 +126,10 @@ class RunSummary(Callback):
 
     def _write(self, trainer: Trainer, row: dict[str, Any] | None = None) -> None:
         if trainer.is_global_zero:
-            _write_summary(self.path, {"format": FORMAT, "run": self.run, "summary": row or self.flat(),
-                                       "paper": self.paper, "provenance": self.provenance})
+            _write_summary(self.path, {"format": FORMAT, "run": self.run, "status": self.status,
+                                       **({"error": self.error} if self.error else {}),
+                                       "summary": row or self.flat(), "paper": self.paper,
+                                       "provenance": self.provenance})
 
 
 def _cost(clock: RunClock) -> dict[str, float]:
@@ -137,3 +148,22 @@ def _write_summary(path: Path, obj: dict[str, Any]) -> None:
 def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(run_dir) / SUMMARY_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished_run(run_dir: str | os.PathLike, *, max_epochs: int | None, max_steps: int,
+                 export: bool) -> dict[str, Any] | None:
+    """The summary of a run that already finished what these limits ask (and, with `export`, has an export newer
+    than its last checkpoint); None when there is anything left to do (more epochs or steps, a missing or stale
+    export)."""
+    run_dir = Path(run_dir)
+    recorded = read_summary(run_dir)
+    if not recorded or recorded.get("status") != "finished":
+        return None
+    row = recorded.get("summary", {})
+    if max_steps and max_steps > 0:
+        done = row.get("global_step", 0) >= max_steps
+    else:
+        done = max_epochs is not None and max_epochs > 0 and row.get("epochs", 0) >= max_epochs
+    metrics, last = run_dir / "export" / "metrics.json", run_dir / "checkpoints" / "last.ckpt"
+    fresh = not export or metrics.is_file() and (not last.is_file() or metrics.stat().st_mtime >= last.stat().st_mtime)
+    return recorded if done and fresh else None
