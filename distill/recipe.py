@@ -108,12 +108,13 @@ def check_inputs(kd: Mapping[str, Any], info: DatasetInfo | None, problems: Prob
             load_teacher(kd["teacher"], weights=kd["teacher_weights"], labels=kd["teacher_labels"])
     if kd["method"] != "soft_target":
         return
-    for source in (kd.get("sources") or {}).values():
+    for name, source in (kd.get("sources") or {}).items():
         root = (source or {}).get("root")
         weight = (source or {}).get("weight") or 0
-        if root and weight > 0 and (info is None or Path(str(root)).expanduser() != Path(info.root)):
+        if root and weight > 0 and (info is None or Path(str(root)).expanduser().absolute() != Path(info.root)):
+            setting = "kd.extra_root" if name == "d3" else f"kd.sources.{name}.root"  # D3's root is kd.extra_root
             with problems.collect():
-                read_info(root, check_files=False)
+                read_info(root, check_files=False, setting=setting)
     if kd.get("sets") and not building:
         root = Path(str(kd["sets"])).expanduser()
         if not (root / MANIFEST).is_file() and not (root / BUILD_FILE).is_file():

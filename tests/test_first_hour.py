@@ -200,3 +200,32 @@ def test_a_two_epoch_run_prints_one_clean_line_per_event_and_nothing_twice(tmp_p
     assert len(lines) <= 20, out
     log = (tmp_path / "run" / "train.log").read_text()
     assert "done: 2 epochs" in log and (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+
+
+def test_a_group_option_that_does_not_exist_and_a_required_value_get_the_close_choices_before_hydra(tmp_path):
+    refused(command("-m", "train", "experiment=mnv4_conv_s", f"hydra.run.dir={tmp_path}/run"),
+            "experiment=mnv4_conv_s is not a choice of conf/experiment/: did you mean experiment=mnv4_conv_s_paper")
+    refused(command("-m", "train", "model=timm"), "model.name is required and not set", "e.g. model.name=")
+    assert not (tmp_path / "run").exists()
+
+
+def test_settings_that_do_not_go_together_or_do_not_fit_this_machine_are_named_with_their_fixes(
+        tmp_path, synthetic_shards, trained_teacher):
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.root={synthetic_shards}", "distill=yes",
+                 f"init_from={trained_teacher}", "trainer.devices=0", f"kd.teacher={trained_teacher}",
+                 "kd.extra_root=/nowhere/extra-wds"]
+    if not torch.cuda.is_available():
+        overrides += ["trainer.accelerator=gpu"]
+    with pytest.raises(Problems) as caught:
+        train(compose_run(*overrides))
+    found = "\n".join(caught.value.found)
+    for expected in ("distill='yes': must be true or false", "init_from=", "is read by qat=true only",
+                     "trainer.devices=0: must be auto, a count >= 1",
+                     "kd.extra_root=/nowhere/extra-wds does not exist"):
+        assert expected in found, found
+    if not torch.cuda.is_available():
+        assert "trainer.accelerator=gpu, but torch sees no CUDA GPU" in found, found
+    with pytest.raises(Problems, match="trainer.precision=16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true"):
+        train(compose_run(f"run_dir={tmp_path / 'run'}", f"data.root={synthetic_shards}", "trainer.accelerator=cpu",
+                          "trainer.precision=16-mixed"))
+    assert not (tmp_path / "run").exists()

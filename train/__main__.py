@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from data_pipes.errors import UserError
 from train.cluster.requeue import Requeued, Stopped
 from train.nets.configs import CONF_DIR, TRAIN_CONFIG, remove_if_empty
-from train.preflight import misspelled_override
+from train.preflight import command_line_problem
 from train.run import train
 
 log = logging.getLogger("train")
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    problem = misspelled_override(sys.argv[1:])
+    problem = command_line_problem(sys.argv[1:])
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data_pipes.errors import Problems, UserError
 from data_pipes.shards.metadata import DatasetInfo
@@ -29,7 +30,7 @@ from data_pipes.stream.plan import train_batches_per_rank
 from train.cluster import topology
 from train.cluster.resume import check_start, resolve_ckpt_path
 from train.nets import check_model_name
-from train.nets.configs import compose_config, plain
+from train.nets.configs import CONF_DIR, compose_config, plain
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)", "0.1"),
     "ema.decay": (lambda v: v is None or (_number(v) and 0 < v < 1), "null (no EMA) or in (0, 1)", "0.9998"),
     "seed": (_int, "an int", "42"),
+    "distill": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "qat": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "export": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "trainer.devices": (lambda v: v == "auto" or (_int(v) and v >= 1) or (isinstance(v, ListConfig) and len(v) > 0),
+                        "auto, a count >= 1 or a list of device indices", "auto"),
     "trainer.max_epochs": (lambda v: v is None or (_int(v) and (v >= 1 or v == -1)), "an int >= 1 (or -1)", "100"),
     "trainer.max_steps": (lambda v: _int(v) and (v >= 1 or v == -1), "an int >= 1, or -1 (run max_epochs)", "-1"),
     "trainer.accumulate_grad_batches": (lambda v: _int(v) and v >= 1, "an int >= 1", "1"),
@@ -87,6 +93,21 @@ def _get(cfg: DictConfig, key: str) -> Any:
 _MISSING = object()
 
 
+def check_required(cfg: DictConfig) -> None:
+    """Values the config marks `???` (model=timm's model.name): nothing else can be read before they are set."""
+    problems = Problems("the run could start")
+    for key in _missing(OmegaConf.to_container(cfg, resolve=False), ""):
+        example = " (a timm model name, e.g. model.name=efficientnet_b0)" if key == "model.name" else ""
+        problems.add(f"{key} is required and not set: pass {key}=<value>{example}")
+    problems.raise_if_any()
+
+
+def _missing(node: Any, prefix: str) -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _missing(value, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == "???" else []
+
+
 def check_values(cfg: DictConfig, problems: Problems) -> None:
     rules = {**RULES, **(KD_RULES if cfg.get("distill") else {})}
     for key, (accepts, must, example) in rules.items():
@@ -106,6 +127,22 @@ def check_values(cfg: DictConfig, problems: Problems) -> None:
         if sources and all(_number(w) for w in weights) and sum(weights) <= 0:
             problems.add("every kd.sources.*.weight is 0: the batches would hold nothing; give one a weight > 0, "
                          "e.g. kd.sources.d1.weight=1")
+
+
+def check_combinations(cfg: DictConfig, problems: Problems) -> None:
+    """Settings that are each valid but do not go together, or do not fit this machine."""
+    if cfg.get("init_from") and not cfg.get("qat"):
+        problems.add(f"init_from={cfg.init_from} is read by qat=true only (the float model it fine-tunes with fake "
+                     f"quantization): add qat=true, or drop init_from")
+    accelerator, precision = str(cfg.trainer.get("accelerator", "auto")), str(cfg.trainer.get("precision", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.add(f"trainer.accelerator={accelerator}, but torch sees no CUDA GPU here (torch.cuda.is_available() "
+                     f"is False; torch {torch.__version__}): use trainer.accelerator=auto (the CPU here) or run on a "
+                     f"GPU node")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and precision in ("16", "16-mixed", "16-true"):
+        problems.add(f"trainer.precision={precision} needs a GPU; on the CPU use bf16-mixed or 32-true (auto picks "
+                     f"bf16-mixed on a GPU that has it, else 32-true)")
 
 
 def trainer_arguments() -> set[str]:
@@ -170,6 +207,7 @@ def preflight(cfg: DictConfig, features) -> Cleared:
     passed. `features`: the run's `train.features.Features`, whose `preflight` checks their own inputs."""
     problems = Problems("the run could start")
     check_values(cfg, problems)
+    check_combinations(cfg, problems)
     check_trainer_keys(cfg, problems)
     with problems.collect():
         check_model_name(cfg.model.name)
@@ -192,20 +230,35 @@ def preflight(cfg: DictConfig, features) -> Cleared:
 _PLAIN_OVERRIDE = re.compile(r"^([A-Za-z_][\w.]*)=")
 _NOT_IN_STRUCT = re.compile(r"Key '([^']+)' is not in struct")
 _COULD_NOT = re.compile(r"Could not override '([^']+)'")
+_NO_OPTION = re.compile(r"Could not find '([\w/]+)/([^'/]+)'")
 
 
-def misspelled_override(argv: Sequence[str]) -> str | None:
-    """For `key=value` arguments whose key the config lacks (`trainer.max_epoch=1`): the message naming the close
-    valid keys, which Hydra's own error does not (it suggests `+key=value`, which then fails in the Trainer). None
-    when every key exists, or when composing fails for another reason (Hydra then reports that itself)."""
+def command_line_problem(argv: Sequence[str]) -> str | None:
+    """What Hydra would answer with a traceback or a poor hint, said before it starts: a `key=value` whose key the
+    config lacks (`trainer.max_epoch=1`: the close valid keys, where Hydra suggests `+key=value`, which then fails
+    in the Trainer), a group option that does not exist (`model=mnv4_conv_x`: the close ones), a required value
+    left unset (model=timm without model.name). None when there is none of these (Hydra reports anything else)."""
     overrides = [a for a in argv if _PLAIN_OVERRIDE.match(a) and not a.startswith("hydra.")]
     if not overrides:
         return None
     try:
-        compose_config(overrides)
-        return None
+        composed = compose_config(overrides)
     except Exception as e:  # Hydra's ConfigCompositionException (and OmegaConf's cause): read its message
         text = f"{e} {e.__cause__ or ''}"
+    else:  # a `???` value Hydra would meet resolving the run directory (model=timm without model.name)
+        try:
+            check_required(composed)
+        except Problems as e:
+            return "; ".join(e.found)
+        return None
+    missing = _NO_OPTION.search(text)
+    if missing is not None:  # model=mnv4_conv_x, experiment=mnv4_conv_s: an option the group lacks
+        group, option = missing.group(1), missing.group(2)
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        close = difflib.get_close_matches(option, options, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(f'{group}={c}' for c in close)}?" if close else \
+            f"the choices are: {', '.join(options)}"
+        return f"{group}={option} is not a choice of conf/{group}/: {hint}"
     bad = _COULD_NOT.search(text) or _NOT_IN_STRUCT.search(text)
     if bad is None:
         return None

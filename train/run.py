@@ -38,7 +38,7 @@ from train.module import ImageClassifier
 from train.nets import check_img_size, count_macs, create_model
 from train.nets.configs import plain
 from train.nets.files import METRICS_FILE
-from train.preflight import preflight
+from train.preflight import check_required, preflight
 from train.tracking import console
 from train.tracking.axes import RunClock, declare_axes
 from train.tracking.lineage import log_export
@@ -64,6 +64,7 @@ def train(cfg: DictConfig, *, callbacks: Sequence[L.Callback] = ()) -> dict[str,
 def _train(cfg: DictConfig, guard: SignalGuard, callbacks: Sequence[L.Callback],
            run_log: console.RunLog) -> dict[str, float]:
     clock = RunClock()  # the run's cost counts its set-up too
+    check_required(cfg)  # `???` values: nothing can be read before they are set
     features = build_features(cfg)
     # Every problem the start can see, at once, before anything of it is written (train.preflight); a resume
     # continues the same run, a fresh start overwrites none.

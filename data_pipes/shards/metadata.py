@@ -101,26 +101,30 @@ def info_sha256(root: str | os.PathLike) -> str:
     return hashlib.sha256((Path(root) / INFO_FILE).read_bytes()).hexdigest()[:16]
 
 
-def read_info(root: str | os.PathLike, *, check_files: bool = True) -> DatasetInfo:
-    """Read and validate a shard directory; every problem is reported with what was expected and how to fix it."""
+def read_info(root: str | os.PathLike, *, check_files: bool = True, setting: str = "data.root") -> DatasetInfo:
+    """Read and validate a shard directory; every problem is reported with what was expected and how to fix it
+    (`setting`: the config key that named the directory, for the messages)."""
     root = Path(os.path.abspath(Path(root).expanduser()))  # recorded in checkpoints: valid from any working directory
+    if root.is_file():
+        raise DatasetError(f"{setting}={root} is a file: point it at the directory of shards (train-*.tar, val-*.tar, "
+                           f"{INFO_FILE}){'; the directory holding this one' if root.suffix == '.tar' else ''}")
     if not root.is_dir():
         raise DatasetError(
-            f"data.root={root} does not exist. Point data.root at a directory of WebDataset shards "
+            f"{setting}={root} does not exist. Point {setting} at a directory of WebDataset shards "
             f"(train-*.tar, val-*.tar, {INFO_FILE}); make one from an ImageNet-style folder with: {MAKE_SHARDS_HINT}"
         )
     path = root / INFO_FILE
     if not path.is_file() and _is_image_folder(root):
         raise DatasetError(
-            f"data.root={root} is a folder of images, not shards: make shards from it once with `python -m "
+            f"{setting}={root} is a folder of images, not shards: make shards from it once with `python -m "
             f"data_pipes.shards.make --src {root} --out {root.parent / (root.name + '-wds')}`, then train with "
-            f"data.root={root.parent / (root.name + '-wds')}"
+            f"{setting}={root.parent / (root.name + '-wds')}"
         )
     if not path.is_file():
         tars = sorted(p.name for p in root.glob("*.tar"))
         found = f"it holds {len(tars)} .tar files but no {INFO_FILE}" if tars else "it is empty of shards"
         raise DatasetError(
-            f"data.root={root} is not a shard directory: {found}. Shards and their metadata are written together "
+            f"{setting}={root} is not a shard directory: {found}. Shards and their metadata are written together "
             f"by: {MAKE_SHARDS_HINT}"
         )
     try:
