@@ -15,7 +15,9 @@ from wandb_records import artifacts, defined_metrics, history, records, run_conf
 from data_pipes.shards.metadata import info_sha256
 from train.builders import datamodule_args
 from train.compare.__main__ import main
-from train.compare.runs import CompareError, from_wandb_run, parse_filters, wandb_runs
+from train.compare.plots import write_plots
+from train.compare.runs import CompareError, RunData, from_wandb_run, parse_filters, wandb_runs
+from train.compare.table import rows
 from train.export.provenance import git_state
 from train.run import train
 
@@ -123,7 +125,8 @@ def test_the_export_is_a_wandb_model_artifact_and_a_distilled_run_names_its_teac
 def test_compare_prints_the_table_and_writes_charts_with_a_point_per_run_and_paper_model(runs, tmp_path, capsys):
     assert main([str(runs["b10"]), str(runs["b20"]), str(runs["kd"]), "--out", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0].startswith("| run | model | recipe | kd |") and len(table) == 2 + 3
+    assert table[0].startswith("| run | status | model | recipe | kd |") and len(table) == 2 + 3
+    assert all(line.split(" | ")[1] == "finished" for line in table[2:])
     assert "| mnv3_s_075-custom-kd |" in "\n".join(table) and "export top-1 (fp32)" in table[0]
     charts = json.loads((tmp_path / "cmp" / "plots.json").read_text())
     for name in ("val_top1_vs_epoch.png", "val_top1_vs_images_seen.png", "top1_vs_macs.png", "top1_vs_latency.png"):
@@ -141,7 +144,7 @@ def test_compare_prints_the_table_and_writes_charts_with_a_point_per_run_and_pap
 
     assert main([str(runs["b10"]), "--csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("run,model,recipe,") and len(lines) == 2
+    assert lines[0].startswith("run,status,model,recipe,") and len(lines) == 2
     assert main([f"{runs['b10'].parent}/**", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 3
 
@@ -195,3 +198,43 @@ def test_validation_decodes_the_standard_eval_pixels_by_default(synthetic_shards
     assert datamodule_args(cfg, data_config)["eval_transform"].dct_reduce is False
     cfg = compose_run(f"data.root={synthetic_shards}", "data.eval_dct_reduce=true")
     assert datamodule_args(cfg, data_config)["eval_transform"].dct_reduce is True
+
+
+def _run(name: str, dataset: str, macs: float, top1: float, status: str = "finished") -> RunData:
+    return RunData(name=name, source=name, run={"model": "mnv3_s_100", "dataset": dataset, "num_classes": 10},
+                   summary={"model/macs_m": macs, "val/acc1_best": top1},
+                   curve=[{"epoch": 1.0, "images_seen": 100.0, "val/acc1": top1 / 2},
+                          {"epoch": 2.0, "images_seen": 200.0, "val/acc1": top1}], status=status)
+
+
+def test_charts_draw_one_pareto_front_per_dataset_and_mark_failed_runs(tmp_path):
+    runs = [_run("a", "imagenette", 50, 60), _run("b", "imagenette", 100, 70), _run("c", "shapes", 20, 90),
+            _run("d", "shapes", 60, 95), _run("broken", "shapes", 30, 40, status="failed")]
+    charts = write_plots(runs, tmp_path)
+    fronts = charts["top1_vs_macs.png"]["fronts"]
+    assert fronts == {"imagenette": [[50, 60], [100, 70]], "shapes": [[20, 90], [60, 95]]}  # never across data
+    assert charts["val_top1_vs_epoch.png"]["failed"] == ["broken"]
+    assert {r["run"]: r["status"] for r in rows(runs)} == {"a": "finished", "b": "finished", "c": "finished",
+                                                            "d": "finished", "broken": "failed"}
+
+
+def test_point_labels_neither_cover_each_other_nor_leave_the_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train.compare.plots import _place_labels
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    points = [(f"run-number-{i}", 5 + 0.01 * i, 50 + 0.01 * i) for i in range(6)] + [("edge", 10.0, 99.0)]
+    ax.scatter([p[1] for p in points], [p[2] for p in points])
+    ax.set(xlim=(0, 10), ylim=(0, 100))
+    _place_labels(fig, ax, [(name, x, y, "black") for name, x, y in points])
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    frame = ax.get_window_extent(renderer)
+    assert len(boxes) == len(points)
+    assert not [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    plt.close(fig)

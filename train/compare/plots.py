@@ -14,6 +14,7 @@ Runs and the paper are often on different data (a 10-class slice against ImageNe
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,8 @@ def write_plots(runs: Sequence[RunData], out: Path, *, zoo: bool = False) -> dic
         series = {r.name: [[row[key], row["val/acc1"]] for row in r.curve] for r in runs if r.curve}
         if series:
             charts[file] = _lines(series, out / file, xlabel=label, ylabel="val top-1 (%)",
-                                  title=f"val top-1 against {label} ({data})")
+                                  title=f"val top-1 against {label}", data=data,
+                                  failed={r.name for r in runs if r.status == "failed"})
     charts["top1_vs_macs.png"] = _pareto(runs, out / "top1_vs_macs.png", x="model/macs_m", paper_x="macs_m",
                                          xlabel="MACs (millions, trained resolution)", zoo=zoo, data=data)
     if any(r.get("export/latency_ms_1thread") for r in runs):
@@ -67,41 +69,57 @@ def write_plots(runs: Sequence[RunData], out: Path, *, zoo: bool = False) -> dic
     return charts
 
 
-def _lines(series: Series, path: Path, *, xlabel: str, ylabel: str, title: str) -> dict[str, Any]:
+def _lines(series: Series, path: Path, *, xlabel: str, ylabel: str, title: str, data: str,
+           failed: set[str] = frozenset()) -> dict[str, Any]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for name, points in series.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    return _save(fig, ax, path, series)
+    for i, (name, points) in enumerate(series.items()):
+        # Each run its own dash and marker as well as colour: two runs with the same points stay visible.
+        (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], ls=LINESTYLES[i % len(LINESTYLES)],
+                          marker=MARKERS[i % len(MARKERS)], markersize=4, lw=1.6, alpha=0.9,
+                          label=f"{name} (failed)" if name in failed else name)
+        if name in failed and points:  # where it stopped
+            ax.scatter([points[-1][0]], [points[-1][1]], marker="x", s=80, color=line.get_color(), zorder=4)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    _title(ax, title, data)
+    return {**_save(fig, ax, path, series), "failed": sorted(failed & series.keys())}
 
 
 def _pareto(runs: Sequence[RunData], path: Path, *, x: str, paper_x: str | None, xlabel: str, zoo: bool,
             data: str) -> dict[str, Any]:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 5.6), dpi=120)
     series: Series = {}
-    ours = [(r.name, r.get(x), r.top1) for r in runs if r.get(x) is not None and r.top1 is not None]
-    for name, px, py in ours:
-        ax.scatter([px], [py], s=36, zorder=3, label=name)
-        ax.annotate(name, (px, py), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        series[name] = [[px, py]]
-    front = pareto_front([[px, py] for _, px, py in ours])
-    if len(front) > 1:
-        ax.plot([p[0] for p in front], [p[1] for p in front], color="black", lw=1, ls="--", zorder=2,
-                label="Pareto front of the runs")
+    labels: list[tuple[str, float, float, str]] = []
+    ours = [r for r in runs if r.get(x) is not None and r.top1 is not None]
+    for r in ours:
+        failed = r.status == "failed"
+        dot = ax.scatter([r.get(x)], [r.top1], s=60 if failed else 36, zorder=3, marker="x" if failed else "o",
+                         label=f"{r.name} (failed)" if failed else r.name)
+        labels.append((r.name, r.get(x), r.top1, dot.get_facecolor()[0] if not failed else "black"))
+        series[r.name] = [[r.get(x), r.top1]]
+    fronts = {}
+    for i, (dataset, members) in enumerate(sorted(_by_dataset(ours).items())):
+        front = pareto_front([[r.get(x), r.top1] for r in members])  # runs on other data are not comparable
+        fronts[dataset] = front
+        if len(front) > 1:
+            ax.plot([p[0] for p in front], [p[1] for p in front], color="black", lw=1,
+                    ls=LINESTYLES[(i + 1) % len(LINESTYLES)], zorder=2, label=f"Pareto front, {dataset}")
     paper = _paper_points(runs, x, paper_x, zoo)
     if paper:
         where = ", paper resolution)" if paper_x else "; latency measured here)"
         ax.scatter([p[1] for p in paper], [p[2] for p in paper], marker="x", color="gray", zorder=2,
                    label=f"paper top-1 (ImageNet-1k{where}")
-        for key, px, py in paper:
-            ax.annotate(key, (px, py), fontsize=6, color="gray", xytext=(3, -8), textcoords="offset points")
+        labels += [(key, px, py, "gray") for key, px, py in paper]
         series["paper"] = [[px, py] for _, px, py in paper]
     if paper_x:
         ax.set_xscale("log")
-    ax.set(xlabel=xlabel, ylabel="top-1 (%)", title=f"top-1 against {xlabel.split(' (')[0]} ({data})")
-    return {**_save(fig, ax, path, series, legend="lower right"), "front": front}
+    ax.set(xlabel=xlabel, ylabel="top-1 (%)")
+    ax.margins(x=0.1, y=0.08)  # room for the labels of the outermost points
+    _title(ax, f"top-1 against {xlabel.split(' (')[0]}", data)
+    _place_labels(fig, ax, labels)
+    front = next(iter(fronts.values())) if len(fronts) == 1 else []
+    return {**_save(fig, ax, path, series, legend="lower right"), "front": front, "fronts": fronts}
 
 
 def _paper_points(runs: Sequence[RunData], x: str, paper_x: str | None, zoo: bool) -> list[tuple[str, float, float]]:
@@ -132,16 +150,70 @@ def _float_vs_int8(runs: Sequence[RunData], path: Path, *, data: str) -> dict[st
         if points:
             ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=runtime, zorder=3)
             series[runtime] = points
-    for r in runs:
-        fx = r.get("int8/float_top1") or r.get("export/top1")
-        if fx is not None and r.get("int8/pte_top1") is not None:
-            ax.annotate(r.name, (fx, r.get("int8/pte_top1")), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    labels = [(r.name, r.get("int8/float_top1") or r.get("export/top1"), r.get("int8/pte_top1"), "black")
+              for r in runs if (r.get("int8/float_top1") or r.get("export/top1")) is not None
+              and r.get("int8/pte_top1") is not None]
     everything = [v for pts in series.values() for p in pts for v in p]
     lo, hi = min(everything) - 2, max(everything) + 2
     ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--", label="int8 = float")
-    ax.set(xlabel="float top-1 (%)", ylabel="int8 top-1 (%)", xlim=(lo, hi), ylim=(lo, hi),
-           title=f"int8 against float, each runtime ({data})")
+    ax.set(xlabel="float top-1 (%)", ylabel="int8 top-1 (%)", xlim=(lo, hi), ylim=(lo, hi))
+    _title(ax, "int8 against float, each runtime", data)
+    _place_labels(fig, ax, labels)
     return _save(fig, ax, path, series)
+
+
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _by_dataset(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
+    groups: dict[str, list[RunData]] = {}
+    for r in runs:
+        groups.setdefault(str(r.run.get("dataset") or "?"), []).append(r)
+    return groups
+
+
+def _title(ax: Any, what: str, data: str) -> None:
+    """The chart's subject, and below it the data the runs were on, wrapped: a long list never runs off the
+    figure's edges."""
+    ax.set_title(what + "\n" + "\n".join(textwrap.wrap(data, 95)), fontsize=9)
+
+
+def _place_labels(fig: Any, ax: Any, labels: Sequence[tuple[str, float, float, Any]]) -> None:
+    """Label each point beside it without covering another label or leaving the axes: each label takes the first
+    of a few positions around its point that is free (greedy, from left to right), else the one that covers the
+    fewest pixels of the labels already placed."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    from matplotlib.transforms import Bbox  # optional at import time, as matplotlib itself (see _pyplot)
+
+    marks = [ax.transData.transform((x, y)) for _, x, y, _ in labels]  # labels keep off every point's marker
+    taken: list[Any] = [Bbox.from_extents(px - 4, py - 4, px + 4, py + 4) for px, py in marks]
+    spots = ((4, 4, "left", "bottom"), (4, -4, "left", "top"), (-4, 4, "right", "bottom"),
+             (-4, -4, "right", "top"), (0, 9, "center", "bottom"), (0, -9, "center", "top"),
+             (4, 14, "left", "bottom"), (4, -14, "left", "top"))
+    for text, x, y, color in sorted(labels, key=lambda item: (item[1], item[2])):
+        best, best_overlap = None, None
+        for dx, dy, ha, va in spots:
+            note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=6, color=color,
+                               ha=ha, va=va)
+            box = note.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            overlap = sum(_area(box, t) for t in taken) + (0 if inside else 1e9)  # covered pixels; never outside
+            if best is None or overlap < best_overlap:
+                if best is not None:
+                    best[0].remove()
+                best, best_overlap = (note, box), overlap
+            else:
+                note.remove()
+            if overlap == 0:
+                break
+        taken.append(best[1])
+
+
+def _area(a: Any, b: Any) -> float:
+    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
 
 
 def _save(fig: Any, ax: Any, path: Path, series: Series, legend: str = "best") -> dict[str, Any]:

@@ -37,9 +37,7 @@ class RunData:
 
     @property
     def state(self) -> str:
-        """The table's status cell: empty for a finished run, else the state (and a failed run's error)."""
-        if self.status == "finished":
-            return ""
+        """The table's status cell: the state, and a failed run's error."""
         return f"{self.status}: {self.error[:80]}" if self.error else self.status
 
     def get(self, key: str) -> Any:
