@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import compose_run
@@ -229,3 +230,22 @@ def test_settings_that_do_not_go_together_or_do_not_fit_this_machine_are_named_w
         train(compose_run(f"run_dir={tmp_path / 'run'}", f"data.root={synthetic_shards}", "trainer.accelerator=cpu",
                           "trainer.precision=16-mixed"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_build_with_top_k_beyond_the_classes_stores_every_class_and_a_refused_build_writes_nothing(
+        tmp_path, synthetic_shards, trained_teacher, caplog):
+    from distill.build import build
+
+    common = [f"data.root={synthetic_shards}", f"kd.teacher={trained_teacher}", "kd.sources.d1.replicas=1",
+              "kd.sources.d2.weight=0", "kd.build.num_workers=1", "kd.build.batch_size=50", "kd.view_size=32"]
+    sets = tmp_path / "sets"
+    with pytest.raises(Problems, match="kd.storage='bogus'"):
+        build(compose_run(*common, f"kd.sets={sets}", "kd.storage=bogus", "kd.top_k=20"))
+    assert not sets.exists()  # no _build.json to refuse the corrected command
+    caplog.set_level("INFO")
+    build(compose_run(*common, f"kd.sets={sets}", "kd.top_k=20"))
+    assert "kd.top_k=20 is more than the data's 10 classes" in caplog.text
+    manifest = json.loads((sets / "manifest.json").read_text())
+    assert manifest["top_k"] == 10
+    block = np.load(sets / "d1" / "block-000000.npy")  # (replicas, members) records
+    assert block["ids"].shape[-1] == 10 and (block["probs"].sum(axis=-1) > 0).all()
