@@ -18,7 +18,7 @@ from lightning import Callback
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
 from train.callbacks.checkpoints import AtomicCheckpointIO, RunRecord, StepCheckpoint, validation_follows
-from train.callbacks.ema import EMAWeights, WarmupEMA
+from train.callbacks.ema import EMAWeights, FusedEMA
 from train.callbacks.progress import PlainProgress, image_count
 from train.callbacks.rng import RankSeeds, RngStates
 from train.tracking.axes import ComparableAxes
@@ -26,7 +26,7 @@ from train.tracking.loggers import ContinueLogs
 from train.tracking.throughput import ThroughputLogger
 
 __all__ = ["AtomicCheckpointIO", "EMAWeights", "PlainProgress", "RankSeeds", "RngStates", "RunRecord", "StepCheckpoint",
-           "WarmupEMA", "build_callbacks", "image_count", "validation_follows"]
+           "FusedEMA", "build_callbacks", "image_count", "validation_follows"]
 
 
 def build_callbacks(
@@ -58,5 +58,5 @@ def build_callbacks(
             callbacks.append(LearningRateMonitor(logging_interval="step"))
     if ema_decay is not None:
         # Validation and checkpoints use the averaged weights; at the end they replace the trained ones (export).
-        callbacks.append(EMAWeights(avg_fn=WarmupEMA(ema_decay, ema_warmup), use_buffers=True))
+        callbacks.append(EMAWeights(decay=ema_decay, warmup=ema_warmup))
     return callbacks
