@@ -81,10 +81,11 @@ class SoftTargetDistillation(nn.Module):
         terms = {"loss": loss}
         with torch.no_grad():
             if "source" in batch:
+                # No data-dependent branch (a host read each step): every batch holds B * w / sum(w) samples of each
+                # source (MixtureStream), so the count is 0 only when all of a source's samples failed to decode.
                 for s, name in enumerate(self.source_names):
                     mine = (batch["source"] == s).to(per_sample.dtype) * valid
-                    if mine.any():
-                        terms[f"loss_{name}"] = (per_sample * mine).sum() / mine.sum()
+                    terms[f"loss_{name}"] = (per_sample * mine).sum() / mine.sum().clamp_min(1.0)
             agree = (logits.argmax(dim=1) == target.argmax(dim=1)).to(per_sample.dtype)
             terms["teacher_agree"] = 100.0 * (agree * valid).sum() / valid.sum().clamp_min(1.0)
         return terms

@@ -1,5 +1,6 @@
-"""The EMA's fused update: the same averages as the per-tensor path it replaced, no read of a device value on the
-host, and an exact resume (the host's step count restored from the checkpoint)."""
+"""The step without per-tensor loops or host reads: the EMA's fused update (the same averages as the per-tensor path
+it replaced, exact resume, no read of a device value on the host) and the KD objective without data-dependent
+branches."""
 
 from __future__ import annotations
 
@@ -97,3 +98,26 @@ def test_a_resumed_average_continues_exactly_where_the_uninterrupted_one_is():
     apply(resumed, states[3:])
     for (name, a), b in zip(straight.module.state_dict().items(), resumed.module.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_kd_objective_reads_nothing_from_the_device_on_the_host(monkeypatch):
+    from distill.objectives import SoftTargetDistillation
+
+    objective = SoftTargetDistillation(num_classes=10, temperature=1.0, missing_mass="uniform",
+                                       source_names=["d1", "d2", "d3"], teacher=None)
+    torch.manual_seed(0)
+    batch = {"kd_ids": torch.stack([torch.randperm(10)[:4] for _ in range(8)]),
+             "kd_probs": torch.full((8, 4), 60000, dtype=torch.int32), "valid": torch.ones(8, dtype=torch.bool),
+             "source": torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])}
+    logits = torch.randn(8, 10, requires_grad=True)
+
+    def host_read(self, *args, **kwargs):
+        raise AssertionError("the objective read a tensor's value on the host (a device sync on a GPU)")
+
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    terms = objective(logits, torch.zeros(8, dtype=torch.long), torch.zeros(8, 3, 4, 4), batch)
+    terms["loss"].backward()
+    monkeypatch.undo()
+    per_source = torch.stack([terms["loss_d1"], terms["loss_d2"], terms["loss_d3"]])
+    assert torch.allclose((per_source * torch.tensor([2.0, 2.0, 4.0])).sum() / 8, terms["loss"].detach())
