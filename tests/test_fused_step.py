@@ -50,7 +50,10 @@ def test_the_fused_update_gives_the_per_tensor_paths_averages_within_1e_6(warmup
     assert ours.keys() == theirs.keys()
     for name, tensor in ours.items():
         if tensor.is_floating_point():
-            torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=1e-6, msg=name)
+            # 1e-6 of the value's scale (absolute below 1, relative above: BN running variances reach the 100s,
+            # where float32's lerp and a + (c - a) * w differ in the last bit); measured: 1 ulp at most
+            error = ((tensor - theirs[name]).abs() / theirs[name].abs().clamp_min(1.0)).max()
+            assert error <= 1e-6, (name, float(error))
         else:  # BN's num_batches_tracked: the current model's
             assert torch.equal(tensor, theirs[name]), name
     assert int(fused.n_averaged) == int(reference.n_averaged) == fused.count == 25
