@@ -73,6 +73,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "trainer.max_steps": (lambda v: _int(v) and (v >= 1 or v == -1), "an int >= 1, or -1 (run max_epochs)", "-1"),
     "trainer.accumulate_grad_batches": (lambda v: _int(v) and v >= 1, "an int >= 1", "1"),
     "trainer.log_every_n_steps": (lambda v: _int(v) and v >= 1, "an int >= 1", "50"),
+    "callbacks.requeue.check_every_n_steps": (lambda v: _int(v) and v >= 1, "an int >= 1", "10"),
     "optim.lr": (lambda v: v is None or (_number(v) and v > 0), "a positive number", "1e-3"),
 }
 KD_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {

@@ -109,7 +109,8 @@ def _train(cfg: DictConfig, guard: SignalGuard, callbacks: Sequence[L.Callback],
                          paper=plain(cfg.model.get("paper")), provenance=provenance, clock=clock)
     run_record = RunRecord(resolved, {"root": str(info.root), "label_names": list(info.label_names)}, data_config,
                            provenance)
-    requeue = RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt", guard=guard)
+    requeue = RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt", guard=guard,
+                              check_every_n_steps=cfg.callbacks.requeue.check_every_n_steps)
     run_callbacks = build_callbacks(run_dir, every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps,
                                     save_top_k=cfg.callbacks.checkpoint.save_top_k,
                                     lr_monitor=cfg.callbacks.lr_monitor, ema_decay=cfg.ema.decay,

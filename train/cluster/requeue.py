@@ -131,8 +131,17 @@ def requeue_job(signum: int, launcher: Any, *, requeue: bool, rank_zero: bool, r
 
 
 class RequeueOnSignal(Callback):
-    def __init__(self, checkpoint: Path, *, guard: SignalGuard) -> None:
+    """Stops every rank together at a safe step after a signal (see the module). Ranks agree on whether any of them
+    got one with an all-reduce, a host sync: a multi-process run does it every `check_every_n_steps` optimizer
+    steps (the same steps on every rank, so they stop on the same step) and after every validation; a single
+    process reads its own flag every step, which costs nothing."""
+
+    def __init__(self, checkpoint: Path, *, guard: SignalGuard, check_every_n_steps: int = 1) -> None:
+        if check_every_n_steps < 1:
+            raise ValueError(f"callbacks.requeue.check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.checkpoint = Path(checkpoint)
+        self.every = int(check_every_n_steps)
+        self._checked_step = -1
         self.guard = guard
         self.signals, self.stop_signals = guard.signals, guard.stop_signals
         self._received: int | None = None
@@ -190,15 +199,28 @@ class RequeueOnSignal(Callback):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._stop_if_signalled(trainer, pl_module, log_this_batch=False)
+            self._stop_if_signalled(trainer, pl_module, log_this_batch=False, always=True)
 
-    def _stop_if_signalled(self, trainer: Trainer, pl_module: LightningModule, *, log_this_batch: bool) -> None:
-        # Ranks that got a requeue signal, ranks that got a stop signal (one requeue request outweighs any stops).
-        mine = [self._received in self.signals, self._received in self.stop_signals]
-        requeues, stops = trainer.strategy.reduce(torch.tensor(mine, dtype=torch.int64, device=pl_module.device),
-                                                  reduce_op="sum").tolist()
-        if requeues + stops == 0:
+    def signalled(self, trainer: Trainer, device: torch.device, *, always: bool = False) -> tuple[int, int] | None:
+        """(ranks that got a requeue signal, ranks that got a stop signal) when this step is one where the ranks
+        agree (every step alone; every `every` optimizer steps, once each, or `always`, with others); else None."""
+        mine = [int(self._received in self.signals), int(self._received in self.stop_signals)]
+        if trainer.world_size == 1:
+            return mine[0], mine[1]
+        step = trainer.global_step
+        if not always and (step % self.every or step == self._checked_step):
+            return None
+        self._checked_step = step
+        counts = trainer.strategy.reduce(torch.tensor(mine, dtype=torch.int64, device=device), reduce_op="sum")
+        return tuple(int(n) for n in counts.tolist())
+
+    def _stop_if_signalled(self, trainer: Trainer, pl_module: LightningModule, *, log_this_batch: bool,
+                           always: bool = False) -> None:
+        # One requeue request outweighs any stops.
+        counts = self.signalled(trainer, pl_module.device, always=always)
+        if counts is None or sum(counts) == 0:
             return
+        requeues, stops = counts
         requeue = requeues > 0
         name = signal.Signals(self._received).name if self._received is not None else "a signal on another rank"
         trainer.save_checkpoint(self.checkpoint)  # every rank: each adds its RNG states; rank 0 writes
