@@ -38,7 +38,7 @@ from distill.kdset import BUILD_FILE, MANIFEST, KDSetError, block_path, read_jso
 from distill.recipe import check_inputs
 from distill.render import BlockWriter, Task, ViewRenderer, views_done
 from distill.select import build_selector, score, score_args, wait_for_selection, with_selection
-from distill.sources import SourceConfig, build_teacher, source_configs, view_size
+from distill.sources import SourceConfig, source_configs, view_size
 from distill.teacher import Teacher, autocast_bf16, release, resolve_device
 from train.nets.configs import CONF_DIR, TRAIN_CONFIG, plain, remove_if_empty
 
@@ -48,11 +48,10 @@ log = logging.getLogger("distill.build")
 def build(cfg, *, share: tuple[int, int] | None = None, stop_after: int | None = None) -> Path:
     """Build (or resume) the kd sets of `cfg`; returns their directory. `stop_after` blocks: for tests of resume."""
     kd = plain(cfg.kd)
-    info = preflight(cfg, kd)
+    info, teacher = preflight(cfg, kd)
     if int(kd["top_k"]) > info.num_classes:  # the identity records the same min (distill.identity)
         log.info("kd.top_k=%s is more than the data's %d classes: every class's probability is stored",
                  kd["top_k"], info.num_classes)
-    teacher = build_teacher(kd, info)
     student_size = int(cfg.data.img_size or cfg.model.resolution)
     size = view_size(kd, student_size, teacher)
     sources = source_configs(kd, size)
@@ -82,8 +81,9 @@ def build(cfg, *, share: tuple[int, int] | None = None, stop_after: int | None =
     return out
 
 
-def preflight(cfg, kd: dict) -> DatasetInfo:
-    """Every problem the build can see before it writes anything (`_build.json` included), at once."""
+def preflight(cfg, kd: dict) -> tuple[DatasetInfo, Teacher]:
+    """Every problem the build can see before it writes anything (`_build.json` included), at once; the data and
+    the teacher it read."""
     problems = Problems("the build could start")
     if not kd["sets"]:
         problems.add("kd.sets is not set: pass kd.sets=DIR, where the labelled views are written")
@@ -95,9 +95,9 @@ def preflight(cfg, kd: dict) -> DatasetInfo:
     info = None
     with problems.collect():
         info = prepare_dataset(cfg.data.root)
-    check_inputs(kd, info, problems, building=True)
+    teacher = check_inputs(kd, info, problems, building=True)
     problems.raise_if_any()
-    return info
+    return info, teacher
 
 
 def _build_blocks(sources: list[SourceConfig], me: int, count: int, teacher: Teacher, kd: dict, out: Path,

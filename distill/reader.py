@@ -141,13 +141,8 @@ def _short(value: Any) -> str:
     return text if len(text) < 200 else text[:200] + "..."
 
 
-def recorded_settings(root: Path) -> dict[str, Any]:
-    """The kd settings built kd sets record (their manifest), as `key -> value` with the config's keys; {} when
-    `root` holds no manifest (the preflight says so)."""
-    path = Path(root).expanduser() / MANIFEST
-    if not path.is_file():
-        return {}
-    manifest = read_json(path)
+def settings_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The kd settings built kd sets record (their manifest), as `key -> value` with the config's keys."""
     out = {f"kd.{k}": manifest[k] for k in ("storage", "top_k", "seed", "view_size") if k in manifest}
     for name, source in manifest.get("sources", {}).items():
         out[f"kd.sources.{name}.replicas"] = source["replicas"]
@@ -162,9 +157,9 @@ def adopt_recorded(kd: dict[str, Any], explicit: set[str] | None) -> tuple[dict[
     conflicts: an explicit value that differs from the recorded one, named with both values)."""
     if not kd.get("sets"):
         return kd, {}, []
-    root = Path(str(kd["sets"])).expanduser()
-    recorded = recorded_settings(root)
-    classes = len(read_json(root / MANIFEST).get("label_names", [])) if recorded else 0
+    path = Path(str(kd["sets"])).expanduser() / MANIFEST
+    manifest = read_json(path) if path.is_file() else {}
+    recorded, classes = settings_of(manifest), len(manifest.get("label_names", []))
     kd, taken, conflicts = json.loads(json.dumps(kd)), {}, []
     for key, was in recorded.items():
         *parents, leaf = key.split(".")[1:]

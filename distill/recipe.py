@@ -48,14 +48,15 @@ class Distillation:
 
 def build_distillation(kd: Mapping[str, Any], info: DatasetInfo, data_config: Mapping[str, Any],
                        datamodule_args: Mapping[str, Any], *, train_aug: Mapping[str, Any], label_smoothing: float,
-                       train_dct_reduce: bool, eval_dct_reduce: bool, selection_dir: Path) -> Distillation:
+                       train_dct_reduce: bool, eval_dct_reduce: bool, selection_dir: Path,
+                       teacher: Teacher | None = None) -> Distillation:
     """Everything `distill=true` adds to a run. `kd`: the kd settings as plain values; `datamodule_args`: the
     labels-only datamodule's arguments (batch size, shuffle window, transforms, ...); `train_aug`: the run's
     aug.train (logit KD augments as the run does); `selection_dir`: where online D3 keeps its selection when
-    kd.selection is not set."""
+    kd.selection is not set; `teacher`: the one `check_inputs` loaded, if it ran (else loaded here)."""
     if kd["method"] not in METHODS:
         raise KDSetError(f"kd.method must be one of {METHODS}, got {kd['method']!r}")
-    teacher = build_teacher(kd, info)
+    teacher = teacher or build_teacher(kd, info)
     size = int(data_config["input_size"][-1])
     teacher_eval = build_eval_transform(teacher.img_size, crop_pct=teacher.data_config["crop_pct"],
                                         interpolation=teacher.interpolation, dct_reduce=eval_dct_reduce)
@@ -93,21 +94,23 @@ def build_distillation(kd: Mapping[str, Any], info: DatasetInfo, data_config: Ma
 
 
 def check_inputs(kd: Mapping[str, Any], info: DatasetInfo | None, problems: Problems, *,
-                 building: bool = False) -> None:
+                 building: bool = False) -> Teacher | None:
     """The preflight of `distill=true` and of `distill.build` (nothing written): the method, the teacher (it loads
     and predicts the data's classes), the shards of every source in use, and (training, not `building`) that
     `kd.sets` holds built sets. Whether the sets fit this run is checked when they open (it needs the views'
-    sizes), still before the run writes anything."""
+    sizes), still before the run writes anything. Returns the teacher when it loaded and fits the data (the run
+    uses it rather than loading it again)."""
     if kd["method"] not in METHODS:
         problems.add(f"kd.method={kd['method']!r} is not a method: choose one of {', '.join(METHODS)} (kd=mnv4 or "
                      f"kd=logit set it)")
+    teacher = None
     with problems.collect():
         if info is not None:
-            build_teacher(kd, info)
+            teacher = build_teacher(kd, info)
         else:
             load_teacher(kd["teacher"], weights=kd["teacher_weights"], labels=kd["teacher_labels"])
     if kd["method"] != "soft_target":
-        return
+        return teacher
     for name, source in (kd.get("sources") or {}).items():
         root = (source or {}).get("root")
         weight = (source or {}).get("weight") or 0
@@ -121,6 +124,7 @@ def check_inputs(kd: Mapping[str, Any], info: DatasetInfo | None, problems: Prob
             problems.add(f"kd.sets={root} holds no built kd sets: build them with `python -m distill.build <the same "
                          f"overrides> kd.sets={root}`, or train online (the teacher labels each view) with "
                          f"kd.sets=null")
+    return teacher
 
 
 def _open_sets(kd: Mapping[str, Any], sources: list[SourceConfig], teacher: Teacher, info: DatasetInfo,

@@ -69,29 +69,35 @@ def _feistel_bits(n: int) -> int:
 def permute(values: np.ndarray | Sequence[int], n: int, keys: tuple[int, ...]) -> np.ndarray:
     """A seeded bijection of [0, n) evaluated at `values`, without materialising it: a Feistel network on the
     smallest even power of two >= n, cycle-walked back into [0, n). O(1) memory, a few passes per value."""
-    half = _feistel_bits(n)
-    mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
-    y = np.asarray(values, dtype=np.uint64).copy()
-    todo = np.ones(len(y), dtype=bool)
-    while todo.any():
-        left, right = y[todo] >> shift, y[todo] & mask
+
+    def rounds(left, right, mask):
         for key in keys:
             left, right = right, left ^ _mix(right, key, mask)
-        y[todo] = (left << shift) | right
-        todo = y >= np.uint64(n)
-    return y.astype(np.int64)
+        return left, right
+
+    return _cycle_walk(values, n, rounds)
 
 
 def unpermute(values: np.ndarray | Sequence[int], n: int, keys: tuple[int, ...]) -> np.ndarray:
     """The inverse of `permute` (the same keys): the slot each value is found at."""
+
+    def rounds(left, right, mask):
+        for key in reversed(keys):
+            left, right = right ^ _mix(left, key, mask), left
+        return left, right
+
+    return _cycle_walk(values, n, rounds)
+
+
+def _cycle_walk(values: np.ndarray | Sequence[int], n: int, rounds) -> np.ndarray:
+    """Apply the Feistel `rounds` on the halves of each value until it lands in [0, n) (a bijection of the power of
+    two stays one of [0, n) when walked this way)."""
     half = _feistel_bits(n)
     mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
     y = np.asarray(values, dtype=np.uint64).copy()
     todo = np.ones(len(y), dtype=bool)
     while todo.any():
-        left, right = y[todo] >> shift, y[todo] & mask
-        for key in reversed(keys):
-            left, right = right ^ _mix(left, key, mask), left
+        left, right = rounds(y[todo] >> shift, y[todo] & mask, mask)
         y[todo] = (left << shift) | right
         todo = y >= np.uint64(n)
     return y.astype(np.int64)

@@ -20,6 +20,7 @@ from data_pipes.errors import Problems
 from data_pipes.shards.metadata import DatasetInfo
 from distill.reader import adopt_recorded
 from distill.recipe import Distillation, build_distillation, check_inputs
+from distill.teacher import Teacher
 from train.features.base import DataParts, Feature
 from train.nets.configs import command_line_keys, plain
 from train.objective import NoMixing
@@ -38,6 +39,7 @@ class KnowledgeDistillation(Feature):
         self.train_dct_reduce, self.eval_dct_reduce = train_dct_reduce, eval_dct_reduce
         self.selection_dir = selection_dir
         self.built: Distillation | None = None
+        self.teacher: Teacher | None = None  # the preflight's, when it ran
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> KnowledgeDistillation:
@@ -57,7 +59,7 @@ class KnowledgeDistillation(Feature):
     def preflight(self, problems: Problems, *, info: DatasetInfo | None, trainer: Mapping[str, Any]) -> None:
         for conflict in self.conflicts:
             problems.add(conflict)
-        check_inputs(self.kd, info, problems)
+        self.teacher = check_inputs(self.kd, info, problems)  # loaded once: `data` builds with it
 
     def regularisation(self, rates: dict[str, float | None]) -> dict[str, float | None]:
         # The recipe's own dropout and stochastic depth (kd.drop_rate, kd.drop_path_rate), where it sets them.
@@ -67,7 +69,7 @@ class KnowledgeDistillation(Feature):
         self.built = kd = build_distillation(
             self.kd, info, data_config, parts.datamodule_args, train_aug=self.train_aug,
             label_smoothing=self.label_smoothing, train_dct_reduce=self.train_dct_reduce,
-            eval_dct_reduce=self.eval_dct_reduce, selection_dir=self.selection_dir)
+            eval_dct_reduce=self.eval_dct_reduce, selection_dir=self.selection_dir, teacher=self.teacher)
         # The recipe's views are already mixed where the recipe mixes (D2): the student only flips.
         mixing = NoMixing() if self.kd["method"] == "soft_target" else parts.batch_mixing
         return replace(parts, datamodule=kd.datamodule, objective=kd.objective, val_extras=kd.val_extras,
