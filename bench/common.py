@@ -32,6 +32,14 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
 # --- devices ---------------------------------------------------------------------------------------------------
 
 
+def default_timm_train() -> Path | None:
+    """timm's train.py (not in timm's wheel or sdist): $TIMM_TRAIN_PY, else .cache/timm/train.py (`make timm-train`)."""
+    for candidate in (os.environ.get("TIMM_TRAIN_PY"), REPO / ".cache" / "timm" / "train.py"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' is cuda when available, else cpu; 'cuda'/'cpu' (or 'cuda:N') as given."""
     if name == "auto":

@@ -3,11 +3,12 @@
     python -m bench.gpu_check                                  # a GPU machine: about 6 minutes on one H100
     python -m bench.gpu_check --device cpu --smoke             # every check, tiny, on the CPU (CI runs it)
     python -m bench.gpu_check --timm-train PATH/train.py       # timm's train.py (default: $TIMM_TRAIN_PY, else
-                                                               # .cache/timm/train.py; not in timm's wheel)
+                                                               # .cache/timm/train.py: `make timm-train`)
 
 On a slice of `../shared/data/imagenette2-224` it shards itself (once, cached):
-- training at full speed, bf16-mixed and channels_last, mnv3_s_100 and mnv4_conv_s: images/s of `python -m train`
-  and of timm's own `train.py` on the same shards (`--dataset wds/...`), same batch, workers and precision;
+- training at full speed, bf16-mixed and channels_last, mnv3_s_100 and mnv4_conv_s, eager and compiled: images/s of
+  `python -m train` (compile=true) and of timm's own `train.py` (--torchcompile) on the same shards
+  (`--dataset wds/...`), same batch, workers, precision and recipe (bench.train_step's mapping);
 - resume on the device: a run killed mid-epoch and one killed after an epoch's last batch (before its validation),
   each resumed, against the uninterrupted run: weights and logged losses equal (deterministic kernels);
 - online distillation, `distill.build` (views/s), offline distillation from the built sets, QAT steps and an int8
@@ -22,10 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import os
-import re
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +34,16 @@ from pathlib import Path
 import torch
 from lightning import Callback
 
-from bench.common import DEFAULT_CACHE, DEFAULT_SRC, REPO, machine_summary, pick_device, prepare_slice, synchronizer
-from bench.train_step import StepTimer
+from bench.common import (
+    DEFAULT_CACHE,
+    DEFAULT_SRC,
+    default_timm_train,
+    machine_summary,
+    pick_device,
+    prepare_slice,
+    synchronizer,
+)
+from bench.train_step import StepTimer, run_timm, timm_arguments
 from distill.build import build as build_sets
 from train.export import evaluate, export_checkpoint
 from train.export.checkpoint import build_val_loader
@@ -61,10 +66,13 @@ class Scale:
     steps: int
     small_size: int  # resume, distillation, QAT
     small_batch: int
+    compiled: tuple[str, ...]  # models whose compiled rows run (compiling is slow on a CPU)
 
 
-GPU = Scale(per_class=400, img_size=224, batch=256, workers=8, warmup=5, steps=10, small_size=128, small_batch=64)
-SMOKE = Scale(per_class=16, img_size=64, batch=16, workers=1, warmup=1, steps=2, small_size=32, small_batch=16)
+GPU = Scale(per_class=400, img_size=224, batch=256, workers=8, warmup=5, steps=10, small_size=128, small_batch=64,
+            compiled=("mnv3_s_100", "mnv4_conv_s"))
+SMOKE = Scale(per_class=16, img_size=64, batch=16, workers=1, warmup=1, steps=2, small_size=32, small_batch=16,
+              compiled=("mnv3_s_100",))
 
 
 @dataclass
@@ -147,32 +155,32 @@ class Context:
                 "trainer.log_every_n_steps=1", *overrides]
 
 
-def ours(ctx: Context, key: str) -> str:
+def speed_overrides(ctx: Context, key: str, compiled: bool) -> list[str]:
+    s = ctx.scale
+    return [f"model={key}", f"data.img_size={s.img_size}", f"data.batch_size={s.batch}", "trainer.max_epochs=1",
+            f"trainer.limit_train_batches={s.warmup + s.steps}", "trainer.limit_val_batches=0", "export=false",
+            f"compile={str(compiled).lower()}"]
+
+
+def ours(ctx: Context, key: str, compiled: bool) -> str:
     s = ctx.scale
     timer = StepTimer(s.warmup, s.steps, synchronizer(ctx.device))
-    ctx.run(f"speed-{key}", f"model={key}", f"data.img_size={s.img_size}", f"data.batch_size={s.batch}",
-            "trainer.max_epochs=1", f"trainer.limit_train_batches={s.warmup + s.steps}", "trainer.limit_val_batches=0",
-            "export=false", callbacks=[timer])
+    ctx.run(f"speed-{key}", *speed_overrides(ctx, key, compiled), callbacks=[timer])
     return f"{timer.images_per_second():,.0f} img/s"
 
 
-def timm_train(ctx: Context, key: str) -> str:
+def timm_train(ctx: Context, key: str, compiled: bool) -> str:
+    """timm's own train.py on the same shards with the arguments that mean the same config (bench.train_step)."""
     script = ctx.args.timm_train
     if script is None or not script.is_file():
-        return "not run: timm's train.py not found (--timm-train, $TIMM_TRAIN_PY or .cache/timm/train.py)"
+        return "not run: timm's train.py not found (make timm-train, --timm-train or $TIMM_TRAIN_PY)"
     s = ctx.scale
-    command = [sys.executable, str(script), "--dataset", "wds/slice", "--data-dir", str(ctx.data.shards),
-               "--train-split", "train", "--val-split", "val", "--model", MODELS[key],
-               "--num-classes", str(ctx.data.num_classes), "--img-size", str(s.img_size), "--batch-size", str(s.batch),
-               "--workers", str(s.workers), "--amp", "--amp-dtype", "bfloat16", "--channels-last", "--epochs", "1",
-               "--log-interval", "1", "--opt", "adamw", "--lr", "2e-3", "--output", str(ctx.tmp / f"timm-{key}"),
-               "--device", str(ctx.device.type)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
-    rates = [float(r) for r in re.findall(r"Time: [\d.]+s,\s+([\d.]+)/s", done.stdout + done.stderr)]
-    if done.returncode != 0 or len(rates) <= s.warmup:
-        raise RuntimeError(f"timm train.py exited {done.returncode} with {len(rates)} timed batches: "
-                           f"{(done.stdout + done.stderr)[-600:]}")
-    return f"{statistics.median(rates[s.warmup:s.warmup + s.steps]):,.0f} img/s"
+    cfg = compose_config([*ctx.common, f"run_dir={ctx.tmp / 'timm-cfg'}", *speed_overrides(ctx, key, compiled)])
+    timm_args = timm_arguments(cfg, shards=ctx.data.shards, num_classes=ctx.data.num_classes, device=ctx.device,
+                               output=ctx.tmp / f"timm-{key}", compiled=compiled, ema=None, epochs=1)
+    result = run_timm(script, timm_args, batch_size=s.batch, warmup=s.warmup, steps=s.steps,
+                      threads=torch.get_num_threads(), device=ctx.device, tmp=ctx.tmp)
+    return f"{result['images_per_second']:,.0f} img/s"
 
 
 def losses(run_dir: Path) -> list[tuple[str, str]]:
@@ -261,13 +269,6 @@ def export_eval(ctx: Context) -> str:
     return f"top-1 {device:.2f} % on {ctx.device.type}, {cpu_top1:.2f} % on the CPU ({cpu['val_images']} images)"
 
 
-def default_timm_train() -> Path | None:
-    for candidate in (os.environ.get("TIMM_TRAIN_PY"), REPO / ".cache" / "timm" / "train.py"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto: cuda when there is one")
@@ -283,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         ctx = Context(args, scale, device, Path(tmp))
         for key in MODELS:
-            checks.run(f"train {key}, ours (bf16, channels_last)", lambda key=key: ours(ctx, key))
-            checks.run(f"train {key}, timm train.py", lambda key=key: timm_train(ctx, key))
+            for compiled in (False, True)[:1 if key not in scale.compiled else 2]:
+                how = "compile=true" if compiled else "eager"
+                checks.run(f"train {key}, ours ({how}, bf16, channels_last)",
+                           lambda key=key, compiled=compiled: ours(ctx, key, compiled))
+                checks.run(f"train {key}, timm train.py{' --torchcompile' if compiled else ''}",
+                           lambda key=key, compiled=compiled: timm_train(ctx, key, compiled))
         for how in ("mid_epoch", "epoch_end"):
             checks.run(f"resume on {device.type}: killed {how.replace('_', ' ')}", lambda how=how: resume(ctx, how))
         checks.run("online distillation", lambda: online_kd(ctx))

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from data_pipes.errors import UserError
 from data_pipes.launch import local_device_index
+from train.nets.compiled import compile_network
 from train.nets.load import LoadError, Settings, load_network
 from train.nets.normalize import normalize_images, pixel_stats
 
@@ -62,6 +63,11 @@ class Teacher:
     def to(self, device: torch.device | str) -> Teacher:
         self.model.to(device=device, memory_format=torch.channels_last)
         self._mean, self._std = self._mean.to(device), self._std.to(device)
+        return self
+
+    def compile(self, mode: str) -> Teacher:
+        """Run the network compiled by torch.compile (in place: its weights and identity are unchanged)."""
+        compile_network(self.model, mode)
         return self
 
     @torch.no_grad()

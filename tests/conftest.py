@@ -24,9 +24,11 @@ from train.run import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # What every test run on this machine needs: the CPU, one process, no progress bar in the logs, no W&B unless a test
-# asks for it, and a small, fast model at 32 px. A test adds or overrides any of these.
+# asks for it, a small, fast model at 32 px, and no LiteRT conversion (about 20 s of an export) unless a test of
+# LiteRT files asks for it (test_litert, test_qat_run). A test adds or overrides any of these.
 CPU_RUN = ("trainer.accelerator=cpu", "trainer.devices=1", "callbacks.progress_bar=false",
-           "logger.wandb.enabled=false", "model=mnv3_s_075", "data.img_size=32", "data.num_workers=1")
+           "logger.wandb.enabled=false", "model=mnv3_s_075", "data.img_size=32", "data.num_workers=1",
+           "export_tflite=false")
 SHARED_DATA = REPO.parent / "shared" / "data"
 IMAGENETTE = SHARED_DATA / "imagenette2-224"
 

@@ -5,7 +5,11 @@ Speed itself is not asserted (that is what the benchmarks are for, on a quiet ma
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,17 +21,61 @@ def last_line(text: str) -> str:
 
 
 @pytest.mark.slow
-def test_train_step_runs_pipeline_and_plain_loop_and_prints_the_ratio_last(synthetic_folder, tmp_path, capsys):
+def test_train_step_runs_our_rows_says_where_timms_train_py_is_missing_and_prints_the_ratios_last(
+        synthetic_folder, tmp_path, capsys):
     from bench.train_step import main
 
     assert main([
         "--src", str(synthetic_folder), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
         "--model", "mnv3_s_100", "--img-size", "32", "--batch-size", "4", "--warmup", "1", "--steps", "2",
-        "--repeats", "1", "--workers", "0", "--quiet", "--override", "callbacks.progress_bar=false",
+        "--repeats", "1", "--workers", "0", "--quiet", "--compiled", "eager", "--accuracy-epochs", "1",
+        "--timm-train", str(tmp_path / "no-timm-here.py"),
     ]) == 0
     out = capsys.readouterr().out
-    assert "pipeline (train.run.train)" in out and "plain PyTorch loop" in out
-    assert re.fullmatch(rf"ratio \(pipeline / plain loop\): {RATIO}", last_line(out)), out
+    assert "timm's train.py: not found (make timm-train" in out
+    assert "ours, eager, EMA off" in out and "ours, eager, EMA on" in out
+    assert re.search(r"top-1 after [\d,]+ images \(1 epochs, eager, no EMA.*\): ours \d+\.\d\d % ", out), out
+    assert re.search(r"ours / the step alone, eager, EMA off: \d+\.\d\dx", out), out
+    assert re.fullmatch(r"EMA update alone, ours: \d+\.\d\d ms = \d+\.\d % of the eager step \([\d.]+ ms\)",
+                        last_line(out)), out
+    assert "ours / timm train.py, eager, EMA off: n/a" in out
+
+
+FAKE_TRAIN_PY = """
+import sys
+from pathlib import Path
+
+import torch
+
+updates = int(sys.argv[sys.argv.index("--updates") + 1])
+model = torch.nn.Linear(4, 2)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(updates):
+    optimizer.zero_grad()
+    model(torch.randn(8, 4)).sum().backward()
+    optimizer.step()
+Path(sys.argv[sys.argv.index("--marker") + 1]).write_text("ran to its end")
+"""
+
+
+@pytest.mark.parametrize("updates, steps, outcome", [(20, 3, "timed"), (4, 3, "too_short"), (4, 0, "whole_run")])
+def test_timm_peer_times_the_updates_after_warm_up_and_stops_the_script_or_lets_it_finish(
+        tmp_path, updates, steps, outcome):
+    """The peer runner's clock: a stand-in script (timm's train.py is not in CI) that steps an optimizer."""
+    script, out, marker = tmp_path / "train.py", tmp_path / "result.json", tmp_path / "marker"
+    script.write_text(FAKE_TRAIN_PY)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.timm_peer", "--script", str(script), "--batch-size", "8", "--warmup", "2",
+         "--steps", str(steps), "--out", str(out), "--", "--updates", str(updates), "--marker", str(marker)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    if outcome == "timed":  # stopped after 2 + 3 updates: the script never reached its end
+        assert done.returncode == 0, done.stderr
+        assert json.loads(out.read_text())["images_per_second"] > 0 and not marker.exists()
+    elif outcome == "too_short":
+        assert done.returncode != 0 and "ended before 5 updates" in done.stderr
+    else:
+        assert done.returncode == 0 and marker.read_text() == "ran to its end"
+        assert json.loads(out.read_text()) == {"finished": True}
 
 
 @pytest.mark.slow
@@ -117,7 +165,8 @@ def test_gpu_check_smoke_runs_every_check_on_the_cpu_and_prints_one_table(synthe
                  "--timm-train", str(tmp_path / "no-timm-here.py")]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| check")]
-    assert len(rows) == 11 and not any("FAILED" in row for row in rows), out
+    assert len(rows) == 13 and not any("FAILED" in row for row in rows), out
+    assert any("train mnv3_s_100, ours (compile=true, bf16, channels_last) |" in row for row in rows), out
     assert any("resume on cpu: killed epoch end | equal to the uninterrupted run" in row for row in rows), out
     assert any("timm train.py | not run: timm's train.py not found" in row for row in rows), out
     assert last_line(out) == "GPU check: every check passed (smoke, cpu)"

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_two_rank_validation_counts_every_image_once_and_equals_the_single_process_score(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_rank_validation_counts_every_image_once_and_equals_the_single_process_score(tmp_path, compiled):
     from data_pipes.shards.make import make_shards
     from data_pipes.shards.synthetic import make_image_folder
 
@@ -29,7 +30,7 @@ def test_two_rank_validation_counts_every_image_once_and_equals_the_single_proce
     result = subprocess.run(
         [sys.executable, "-m", "train", "experiment=demo", f"data.root={synthetic_shards}", f"hydra.run.dir={run_dir}",
          "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_epochs=2", "data.num_workers=1",
-         "data.batch_size=16", "callbacks.progress_bar=false"],
+         "data.batch_size=16", "callbacks.progress_bar=false", f"compile={str(compiled).lower()}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -41,4 +42,8 @@ def test_two_rank_validation_counts_every_image_once_and_equals_the_single_proce
     # The export evaluates the same final weights in one process over the whole val split.
     exported = json.loads((run_dir / "export" / "metrics.json").read_text())
     assert exported["val_images"] == num_val
+    # compile=true: each rank's compiled network validated; the export is the plain one, evaluated eager.
     assert abs(float(last["val/acc1"]) - exported["top1"]) < 1e-3
+    if compiled:
+        assert "torch.compile (mode default): the first training step took" in result.stderr + result.stdout
+        assert "more graph" not in result.stderr + result.stdout

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from data_pipes.shards.metadata import DatasetInfo, SplitInfo, write_info
 from train.export import ONNX_REL_TOL, ExportError, ExportReport, export_model, main
+from train.nets import litert
 from train.nets.files import ARTIFACTS, ONNX_OPSET
 from train.nets.latency import onnx_latency_ms
 from train.nets.load import load_exported
@@ -86,7 +87,8 @@ def exported(tmp_path_factory, trained, val_batches) -> ExportReport:
     out = tmp_path_factory.mktemp("run") / "export"
     # A one-pass iterator, as a DataLoader's is: the exporter must not need a second pass.
     return export_model(trained, out, architecture=ARCH, label_names=LABELS, data_config=DATA_CONFIG,
-                        val_batches=iter(val_batches), latency=True, record={"git": {"commit": "abc", "dirty": False}})
+                        val_batches=iter(val_batches), latency=True, tflite=False,
+                        record={"git": {"commit": "abc", "dirty": False}})
 
 
 def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -195,7 +197,7 @@ def test_failed_onnx_check_raises_and_keeps_the_previous_export(tmp_path, traine
     monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **kw: [o + 1.0 for o in real_run(self, *a, **kw)])
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
         export_model(trained, out, architecture=ARCH, label_names=LABELS, data_config=DATA_CONFIG,
-                     val_batches=val_batches, latency=False)
+                     val_batches=val_batches, latency=False, tflite=False)
     assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS), "staging dir left behind"
     assert all((out / name).read_text() == "previous export" for name in ARTIFACTS)
 
@@ -205,7 +207,8 @@ def test_mnv4_hybrid_attention_exports_to_onnx_matching_onnxruntime(tmp_path):
     model = _like_trained(timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES))
     data_config = timm.data.resolve_model_data_config(model, args={"input_size": (3, size, size)})
     report = export_model(model, tmp_path / "export", architecture=name, label_names=LABELS,
-                          data_config=data_config, val_batches=None, example_images=_images(4, size), latency=False)
+                          data_config=data_config, val_batches=None, example_images=_images(4, size), latency=False,
+                          tflite=False)
     assert report.metrics["onnx_max_abs_diff"] <= ONNX_REL_TOL * report.logit_scale
     assert (report.metrics["top1"], report.metrics["val_images"]) == (None, 0)
     session = ort.InferenceSession(str(report.files["model.onnx"]), providers=["CPUExecutionProvider"])
@@ -219,13 +222,13 @@ def test_mnv4_hybrid_attention_exports_to_onnx_matching_onnxruntime(tmp_path):
 def test_export_needs_images_for_the_onnx_check(tmp_path, trained):
     with pytest.raises(ExportError, match="val_batches or example_images"):
         export_model(trained, tmp_path, architecture=ARCH, label_names=LABELS, data_config=DATA_CONFIG,
-                     val_batches=None, latency=False)
+                     val_batches=None, latency=False, tflite=False)
 
 
 def test_label_names_must_match_the_classifier(tmp_path, trained):
     with pytest.raises(ExportError, match="8 classes but 3 label names"):
         export_model(trained, tmp_path, architecture=ARCH, label_names=LABELS[:3], data_config=DATA_CONFIG,
-                     val_batches=None, example_images=_images(2), latency=False)
+                     val_batches=None, example_images=_images(2), latency=False, tflite=False)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -274,14 +277,20 @@ def test_cli_exports_a_checkpoint_beside_the_runs_own_export_evaluating_every_va
     metrics = json.loads((export_dir / "metrics.json").read_text())
     assert metrics["val_images"] == len(samples) == 50
     assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 100.0
-    assert f"on {len(samples)} val images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"on {len(samples)} val images" in out
+    if litert.available():  # the run's export_tflite (on by default): model.tflite, evaluated in LiteRT
+        assert (export_dir / "model.tflite").is_file() and "LiteRT model.tflite: top1" in out
+        assert metrics["tflite_agreement"] >= 98.0 and metrics["tflite_top1"] == pytest.approx(metrics["top1"], abs=2)
     weights = load_file(export_dir / "model.safetensors")
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert sorted(p.name for p in own.iterdir()) == ["metrics.json"]
     assert (own / "metrics.json").read_text() == "the run's own export"
     # --replace: into the run's own export
-    assert main([str(ckpt), "--batch-size", "16", "--num-workers", "0", "--no-latency", "--replace"]) == 0
+    assert main([str(ckpt), "--batch-size", "16", "--num-workers", "0", "--no-latency", "--replace",
+                 "--no-tflite"]) == 0
     assert json.loads((own / "metrics.json").read_text())["val_images"] == 50
+    assert not (own / "model.tflite").exists()  # --no-tflite
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):

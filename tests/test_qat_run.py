@@ -17,6 +17,7 @@ from preemption import PreemptAt, Preemption
 from safetensors.torch import load_file
 
 from train.export import main
+from train.nets import litert
 from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 pytest.importorskip("executorch", reason="qat needs the int8 extra: pip install 'mobilenet-train[int8]'")
 
 
-SHAPES_RUN = ("data.img_size=64", "data.batch_size=25")  # the shapes need more than 32 px to be told apart
+# The shapes need more than 32 px to be told apart; these runs ship LiteRT files too (float and int8).
+SHAPES_RUN = ("data.img_size=64", "data.batch_size=25", "export_tflite=true")
 
 
 def compose_overrides(*overrides: str) -> list[str]:
@@ -40,13 +42,19 @@ def compose_shapes_run(*overrides: str):
 @pytest.fixture(scope="module")
 def float_export(tmp_path_factory, shapes) -> Path:
     """A float model trained by the pipeline until its predictions are confident (top-1 agreement between
-    runtimes means little on the near-uniform logits of an untrained one)."""
+    runtimes means little on the near-uniform logits of an untrained one). 24 epochs: after 12 (about 40 % top-1)
+    the margins were so small that on an AMD EPYC host (AVX-512 VNNI) ExecuTorch and onnxruntime agreed with the
+    PyTorch int8 model on only 64-70 % of the images (the thresholds below failed at the commit before too); after
+    24 (68 % top-1) they agree on 94 % and 90 %."""
 
     run_dir = tmp_path_factory.mktemp("float")
-    train(compose_shapes_run(f"run_dir={run_dir}", f"data.root={shapes}", "trainer.max_epochs=12",
+    train(compose_shapes_run(f"run_dir={run_dir}", f"data.root={shapes}", "trainer.max_epochs=24",
                       "optim.lr=4e-3", "optim.weight_decay=0.01", "sched.warmup_epochs=1", "label_smoothing=0.0",
                       "model.drop_rate=0.0", "aug.train.scale=[0.35,1.0]"))
-    assert json.loads((run_dir / "export" / "metrics.json").read_text())["top1"] >= 30  # well above chance (10 %)
+    metrics = json.loads((run_dir / "export" / "metrics.json").read_text())
+    assert metrics["top1"] >= 30  # well above chance (10 %)
+    if litert.available():  # the float export in LiteRT: the same top-1 as PyTorch, image by image
+        assert metrics["tflite_top1"] == metrics["top1"] and metrics["tflite_agreement"] >= 98.0, metrics
     return run_dir / "export"
 
 
@@ -66,15 +74,16 @@ def qat_run(tmp_path_factory, shapes, float_export, weight_bits):
 
     tmp = tmp_path_factory.mktemp("qat")
     run_dir, out = tmp / "run", tmp / "ranks"
-    # The float model is trained only so far (about 40 % top-1 on 10 shapes): small logit margins, so top-1
+    # The float model is trained only so far (about 40-70 % top-1 on 10 shapes): small logit margins, so top-1
     # agreement between integer kernels and the PyTorch reference is lower than on a well trained model. The
-    # thresholds here: ExecuTorch 75 %, onnxruntime 70 % (measured 78-84 % and 76-80 %; the defaults, for trained
-    # models: 90 % and 75 %).
+    # thresholds here: ExecuTorch 75 %, onnxruntime 70 %, LiteRT 75 % (measured 78-84 % and 76-80 %; the defaults,
+    # for trained models: 90 %, 75 % and 90 %).
     # weight_bits: 7 on x86 CPUs without VNNI, where onnxruntime's int8 kernels overflow with 8-bit weights (conftest).
     # Top-1 is measured on 50 val images (2 points an image): int8 may lose up to 5 of them (measured: 0-3 with
     # 8-bit weights, 3 with 7-bit ones) before the export reports a failure.
     overrides = compose_overrides(*qat_overrides(shapes, float_export, run_dir, "quant.min_agreement.pte=75",
-                                                 "quant.min_agreement.onnx=70", "quant.max_top1_drop=10",
+                                                 "quant.min_agreement.onnx=70", "quant.min_agreement.tflite=75",
+                                                 "quant.max_top1_drop=10",
                                                  "trainer.devices=2", "trainer.strategy=ddp", weight_bits=weight_bits))
     done = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "ddp_train_run.py"), str(out),
                            *overrides], cwd=REPO, capture_output=True, text=True, timeout=1200,
@@ -85,7 +94,8 @@ def qat_run(tmp_path_factory, shapes, float_export, weight_bits):
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_two_rank_ddp_qat_run_trains_both_ranks_alike_and_ships_int8_measured_in_each_runtime(qat_run, float_export):
+def test_two_rank_ddp_qat_run_trains_both_ranks_alike_and_ships_int8_measured_in_each_runtime(qat_run, float_export,
+                                                                                             weight_bits):
     run_dir, ranks = qat_run
     # Each rank read its own half of the data; DDP averaged the gradients and broadcast rank 0's buffers (BN
     # statistics, observer ranges, frozen flags): both ranks end with the same weights and scales.
@@ -109,9 +119,20 @@ def test_two_rank_ddp_qat_run_trains_both_ranks_alike_and_ships_int8_measured_in
     # within 5 of the 50 val images.
     assert shipped["int8_failures"] == [], shipped["int8_failures"]
     assert shipped["int8_pte_agreement"] >= 75.0 and shipped["int8_onnx_agreement"] >= 70.0
+    if litert.available():  # LiteRT: both files, from the same QAT graph, measured like the other runtimes
+        assert (export / "model.tflite").is_file() and (export / "model_int8.tflite").is_file()
+        assert shipped["int8_tflite_agreement"] >= 75.0 and shipped["tflite_agreement"] >= 98.0
+        assert shipped["size_mb"]["int8_tflite"] < 0.5 * shipped["size_mb"]["tflite"]
+        assert {"tflite_1thread", "int8_tflite_1thread"} <= set(shipped["latency_ms"])
+        assert shipped["int8_tflite_float_ops"].get("MEAN", 0) > 0  # the squeeze-excite means, as in PyTorch int8
     assert shipped["val_images"] == 50
+    # Against the float model QAT started from: 7-bit weights (CPUs without VNNI) cost more than 8-bit ones. Measured:
+    # 0-6 points with 8-bit weights; with 7-bit, 14 (the QAT run's own float weights lost 12 of them, its int8 model 2
+    # more), so the bound there is 16 (8 of the 50 images).
     float_top1 = json.loads((float_export / "metrics.json").read_text())["top1"]
-    assert shipped["int8_pte_top1"] >= float_top1 - 10.0, (shipped["int8_pte_top1"], float_top1)
+    bound = 10.0 if weight_bits == 8 else 16.0
+    assert shipped["int8_pte_top1"] >= float_top1 - bound, (shipped["int8_pte_top1"], float_top1)
+    assert shipped["int8_pte_top1"] >= shipped["float_top1"] - 10.0  # and against its own float weights
     assert shipped["size_mb"]["int8_pte"] < 0.5 * (export / "model.safetensors").stat().st_size / 1e6
     assert set(shipped["latency_ms"]) >= {"float_pte", "int8_pte", "onnx_1thread", "onnx_all_threads",
                                           "int8_onnx_1thread", "int8_onnx_all_threads"}  # float and int8, side by side
@@ -123,6 +144,9 @@ def test_two_rank_ddp_qat_run_trains_both_ranks_alike_and_ships_int8_measured_in
         "int8_onnx_top1"]
     assert summary["int8/pte_size_mb"] < summary["export/size_mb"] and summary["int8/latency_ms_1thread"] > 0
     assert summary["devices"] == 2
+    if litert.available():
+        assert summary["int8/tflite_top1"] == shipped["int8_tflite_top1"]
+        assert summary["export/tflite_top1"] == shipped["tflite_top1"]
     assert summary["cost/device_hours"] == pytest.approx(2 * summary["cost/wall_clock_h"], rel=1e-3)
     # MNv3's squeeze-excite means stay float (XNNPACK's quantizer does not annotate mean), and the report says so.
     assert shipped["int8_kept_float"].get("mean", 0) > 0, shipped["int8_kept_float"]
@@ -182,6 +206,25 @@ def test_train_export_ships_int8_from_a_qat_checkpoint_and_fails_loudly_below_th
 
 
 @pytest.mark.slow
+def test_bench_deploy_measures_a_qat_export_float_and_int8_in_every_runtime(tmp_path, qat_run, capsys):
+    from bench.deploy import main as deploy_main
+
+    if not litert.available():
+        pytest.skip("the litert extra is not installed: pip install -e '.[litert]' (make test installs it)")
+    deploy_main(["--exports", str(qat_run[0] / "export"), "--cache-dir", str(tmp_path), "--batch-size", "25",
+                 "--workers", "1"])
+    table = (tmp_path / "deploy.md").read_text()
+    assert table in capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| mobilenetv3_small_075 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    float_top1 = [float(v) for v in cells[1].split(" / ")]  # PyTorch, ExecuTorch, onnxruntime, LiteRT
+    assert len(float_top1) == 4 and max(float_top1) - min(float_top1) <= 2.0, cells  # one image of 50 at most
+    shipped = json.loads((qat_run[0] / "export" / "metrics.json").read_text())
+    assert float_top1[0] == pytest.approx(shipped["top1"], abs=0.01)
+    assert cells[3] == " / ".join(f"{shipped[f'int8_{k}_top1']:.2f}" for k in ("torch", "pte", "onnx", "tflite"))
+
+
+@pytest.mark.slow
 def test_qat_with_distill_learns_from_the_float_model_of_init_from_by_default(tmp_path, shapes, float_export):
 
 
@@ -206,10 +249,10 @@ def test_qat_with_distill_learns_from_the_float_model_of_init_from_by_default(tm
 @pytest.mark.slow
 def test_post_training_quantization_of_a_float_checkpoint_exports_and_measures_int8(tmp_path, float_export,
                                                                                      weight_bits):
-    # The float model is trained only so far (about 40 % top-1): small logit margins, so the thresholds here are
+    # The float model is trained only so far (about 40-70 % top-1): small logit margins, so the thresholds here are
     # ExecuTorch 70 %, onnxruntime 65 % top-1 agreement with the PyTorch int8 model (set in a copy's run config).
     ckpt = torch.load(float_export.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    ckpt["run_config"]["quant"]["min_agreement"] = {"pte": 70.0, "onnx": 65.0}
+    ckpt["run_config"]["quant"]["min_agreement"] = {"pte": 70.0, "onnx": 65.0}  # LiteRT: the default, 90 %
     # 50 val images, 2 points each: PTQ calibrated on 4 batches may lose up to 5 of them (measured: 0-3).
     ckpt["run_config"]["quant"]["max_top1_drop"] = 10.0
     ckpt["run_config"]["quant"]["weight_bits"] = weight_bits  # 7 where onnxruntime's kernels overflow (conftest)
@@ -219,6 +262,8 @@ def test_post_training_quantization_of_a_float_checkpoint_exports_and_measures_i
                  "--batch-size", "25", "--data-root", str(ckpt["dataset"]["root"]), "--no-latency"]) == 0
     metrics = json.loads((tmp_path / "ptq" / "metrics.json").read_text())
     assert metrics["int8_failures"] == [] and metrics["int8_pte_agreement"] >= 70.0
+    if litert.available():  # the same calibration in LiteRT (the default threshold held: 90 %)
+        assert metrics["int8_tflite_agreement"] >= 90.0 and (tmp_path / "ptq" / "model_int8.tflite").is_file()
     assert "fakequant_top1" not in metrics  # a calibrated PTQ graph computes in float: no fake-quant number to give
     assert "latency_ms" not in metrics  # --no-latency: no float program lowered just to time it
     assert abs(metrics["float_top1"] - json.loads((float_export / "metrics.json").read_text())["top1"]) < 1e-6

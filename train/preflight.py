@@ -30,6 +30,7 @@ from data_pipes.stream.plan import train_batches_per_rank
 from train.cluster import topology
 from train.cluster.resume import check_start, resolve_ckpt_path
 from train.nets import check_model_name
+from train.nets.compiled import MODES
 from train.nets.configs import CONF_DIR, compose_config, plain
 
 
@@ -67,6 +68,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "distill": (lambda v: isinstance(v, bool), "true or false", "true"),
     "qat": (lambda v: isinstance(v, bool), "true or false", "true"),
     "export": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "compile": (lambda v: isinstance(v, bool), "true or false", "true"),
+    "compile_mode": (lambda v: v in MODES, f"one of torch.compile's modes: {', '.join(MODES)}", "default"),
     "trainer.devices": (lambda v: v == "auto" or (_int(v) and v >= 1) or (isinstance(v, ListConfig) and len(v) > 0),
                         "auto, a count >= 1 or a list of device indices", "auto"),
     "trainer.max_epochs": (lambda v: v is None or (_int(v) and (v >= 1 or v == -1)), "an int >= 1 (or -1)", "100"),

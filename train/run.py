@@ -159,6 +159,7 @@ def _start_line(cfg: DictConfig, info: DatasetInfo, trainer: L.Trainer, model: t
     world, device = trainer.world_size, trainer.strategy.root_device.type
     start = "a fresh start" if ckpt_path is None else f"resuming {ckpt_path}"
     features = ", ".join(f for f in ("distill" if cfg.distill else "", "qat" if cfg.qat else "",
+                                     f"compile ({cfg.compile_mode})" if cfg.compile else "",
                                      f"ema {cfg.ema.decay}" if cfg.ema.decay else "") if f)
     return (f"{cfg.model.key} ({cfg.model.name}, {_params_m(model):.2f}M params, {macs / 1e6:.0f}M MACs at "
             f"{img_size} px){f' + {features}' if features else ''} | {info.root}: "
@@ -203,10 +204,12 @@ def _export(cfg: DictConfig, run_dir: Path, module: ImageClassifier, info: Datas
     shipped = features.shipped_network(trained, num_classes=info.num_classes)
     report = export_model(shipped, run_dir / "export", architecture=cfg.model.name, label_names=info.label_names,
                           data_config=data_config, val_batches=loader, device=device,
-                          latency=bool(cfg.export_latency), record=provenance)
+                          latency=bool(cfg.export_latency), tflite=bool(cfg.export_tflite), record=provenance)
+    if report.metrics.get("tflite_error"):
+        record_summary(loggers, {"export/tflite_error": report.metrics["tflite_error"]})
     metrics = {**report.metrics, **features.export(ExportContext(
         trained=trained, shipped=shipped, export_dir=run_dir / "export", val_batches=loader, data_config=data_config,
-        num_classes=info.num_classes, loggers=loggers))}
+        num_classes=info.num_classes, loggers=loggers, tflite=bool(cfg.export_tflite)))}
     return {f"export/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
@@ -221,7 +224,8 @@ def _export_metadata(row: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]
     """What the export artifact carries in W&B: the numbers its users choose by."""
     keys = ("export/top1", "export/top5", "model/macs_m", "model/params_m", "export/latency_ms_1thread",
             "export/latency_ms_all_threads", "export/size_mb", "int8/pte_top1", "int8/onnx_top1",
-            "int8/latency_ms_1thread", "val/acc1_best", "img_size")
+            "int8/latency_ms_1thread", "export/tflite_top1", "export/tflite_latency_ms", "int8/tflite_top1",
+            "int8/tflite_latency_ms", "val/acc1_best", "img_size")
     return {"model": run["model"], "architecture": run["architecture"], "recipe": run["recipe"],
             "distill": run["distill"], "qat": run["qat"], **{k: row[k] for k in keys if k in row}}
 

@@ -4,6 +4,7 @@
     rng          every rank's RNG states, put back at the first batch after a resume
     ema          EMA of the weights with timm's warm-up (fake-quant safe)
     progress     plain progress lines when the output is not a terminal
+    compile_watch  what torch.compile cost (the first step, said once) and any recompilation (compile=true's)
 
 Loggers and what they log (axes, throughput, the summary row) are `train.tracking`; stopping on a signal is
 `train.cluster.requeue`; an optional feature's own callbacks come from its component (`train.features`).

@@ -3,13 +3,12 @@ fake-quant networks."""
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 
@@ -26,27 +25,42 @@ class FusedEMA(AveragedModel):
         super().__init__(model, device=device, use_buffers=True)
         self.decay, self.warmup = float(decay), bool(warmup)
         self.count = 0  # == n_averaged, on the host
+        self._cached: tuple[nn.Module, tuple] | None = None
 
     def decay_at(self, n: int) -> float:
         return min((1 + n) / (10 + n), self.decay) if self.warmup else self.decay
 
+    @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        mine = [t.detach() for t in itertools.chain(self.module.parameters(), self.module.buffers())]
-        device = mine[0].device if mine else None
-        theirs = [t.detach().to(device, non_blocking=True)
-                  for t in itertools.chain(model.parameters(), model.buffers())]
+        mine_f, theirs_f, mine_o, theirs_o = self._pairs(model)
         if self.count == 0:
-            torch._foreach_copy_(mine, theirs)
+            torch._foreach_copy_([*mine_f, *mine_o], [*theirs_f, *theirs_o])
         else:
-            floats = [i for i, t in enumerate(mine) if t.is_floating_point()]
-            others = [i for i, t in enumerate(mine) if not t.is_floating_point()]
-            if floats:
-                torch._foreach_lerp_([mine[i] for i in floats], [theirs[i] for i in floats],
-                                     1.0 - self.decay_at(self.count))
-            if others:
-                torch._foreach_copy_([mine[i] for i in others], [theirs[i] for i in others])
+            if mine_f:
+                torch._foreach_lerp_(mine_f, theirs_f, 1.0 - self.decay_at(self.count))
+            if mine_o:
+                torch._foreach_copy_(mine_o, theirs_o)
         self.n_averaged += 1
         self.count += 1
+
+    def _pairs(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """The averaged and the current tensors, floating-point and other, in matching order. Kept from the first
+        update while both sides are on one device: the tensors are the same objects every step (optimizers, the
+        weight swap for validation and the first-step shape fix all write into them), so a step spends no Python
+        time walking the module tree (~0.5 ms for a MobileNet's ~250 tensors, a few % of a small step)."""
+        if self._cached is not None and self._cached[0] is model:
+            return self._cached[1]
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        device = mine[0].device if mine else None
+        current = [*model.parameters(), *model.buffers()]
+        theirs = [t.to(device, non_blocking=True) for t in current]
+        floats = [i for i, t in enumerate(mine) if t.is_floating_point()]
+        others = [i for i, t in enumerate(mine) if not t.is_floating_point()]
+        pairs = ([mine[i] for i in floats], [theirs[i] for i in floats], [mine[i] for i in others],
+                 [theirs[i] for i in others])
+        if all(a is b for a, b in zip(theirs, current)):  # no copy to another device: the same tensors next step
+            self._cached = (model, pairs)
+        return pairs
 
     def sync_count(self) -> None:
         """After `n_averaged` was loaded (resume): the host's count again (one read, at load only)."""

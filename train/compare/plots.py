@@ -62,7 +62,7 @@ def write_plots(runs: Sequence[RunData], out: Path, *, zoo: bool = False) -> dic
         charts["top1_vs_latency.png"] = _pareto(runs, out / "top1_vs_latency.png", x="export/latency_ms_1thread",
                                                 paper_x=None, xlabel="onnxruntime CPU latency, batch 1, 1 thread (ms)",
                                                 zoo=False, data=data)
-    int8 = [r for r in runs if r.get("int8/pte_top1") is not None or r.get("int8/onnx_top1") is not None]
+    int8 = [r for r in runs if any(r.get(f"int8/{k}_top1") is not None for k in ("pte", "onnx", "tflite"))]
     if int8:
         charts["float_vs_int8.png"] = _float_vs_int8(int8, out / "float_vs_int8.png", data=data)
     (out / "plots.json").write_text(json.dumps(charts, indent=2) + "\n")
@@ -144,7 +144,7 @@ def _float_vs_int8(runs: Sequence[RunData], path: Path, *, data: str) -> dict[st
     fig, ax = plt.subplots(figsize=(6, 5.5), dpi=120)
     series: Series = {}
     for runtime, key, marker in (("ExecuTorch", "int8/pte_top1", "o"), ("onnxruntime", "int8/onnx_top1", "s"),
-                                 ("PyTorch int8", "int8/torch_top1", "^")):
+                                 ("LiteRT", "int8/tflite_top1", "D"), ("PyTorch int8", "int8/torch_top1", "^")):
         points = [[float(r.get("int8/float_top1") or r.get("export/top1")), float(r.get(key))] for r in runs
                   if r.get(key) is not None and (r.get("int8/float_top1") or r.get("export/top1")) is not None]
         if points:

@@ -40,6 +40,8 @@ COLUMNS: list[Column] = [
     _summary("export top-5", "export/top5", ".2f"),
     _summary("int8 top-1 ExecuTorch", "int8/pte_top1", ".2f"),
     _summary("int8 top-1 onnxruntime", "int8/onnx_top1", ".2f"),
+    _summary("LiteRT top-1", "export/tflite_top1", ".2f"),
+    _summary("int8 top-1 LiteRT", "int8/tflite_top1", ".2f"),
     ("paper top-1", lambda r: r.get("paper/top1") or r.paper.get("top1"), ".1f"),
     _summary("params M", "model/params_m", ".2f"),
     _summary("MACs M", "model/macs_m", ".1f"),
@@ -52,6 +54,9 @@ COLUMNS: list[Column] = [
     _summary("ORT ms 1 thread", "export/latency_ms_1thread", ".3g"),
     _summary("ORT ms all threads", "export/latency_ms_all_threads", ".3g"),
     _summary("int8 ORT ms 1 thread", "int8/latency_ms_1thread", ".3g"),
+    _summary("LiteRT ms 1 thread", "export/tflite_latency_ms", ".3g"),
+    _summary("int8 LiteRT ms 1 thread", "int8/tflite_latency_ms", ".3g"),
+    _summary("int8 LiteRT MB", "int8/tflite_size_mb", ".2f"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Ship a trained network: `<out>/{model.safetensors,config.json,model.onnx,metrics.json}`.
+"""Ship a trained network: `<out>/{model.safetensors,config.json,model.onnx,model.tflite,metrics.json}`.
 
     python -m train.export RUN_DIR/checkpoints/best.ckpt [--out DIR] [--data-root DIR] [--batch-size B] [--replace]
 
@@ -17,6 +17,7 @@ memory, so it describes exactly what ships. Everything is staged in a private fo
 every check passed: a failed export leaves a previous export untouched.
 
     artifacts   the export itself (weights, config, ONNX checked in onnxruntime, metrics), published atomically
+    tflite      the float network in LiteRT (with the litert extra), checked, evaluated beside PyTorch
     checkpoint  a checkpoint -> its network (float, QAT, PTQ-calibrated) and its val shards -> the export
     provenance  what a run and its export were made from (code, command, versions, data, teacher)
     cli         the command line (`python -m train.export`)

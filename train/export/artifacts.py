@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from data_pipes.errors import UserError
+from train.export.tflite import export_tflite
+from train.nets.evaluate import measure
 from train.nets.files import (
     ARTIFACTS,
     CONFIG_FILE,
@@ -30,10 +32,12 @@ from train.nets.files import (
     ONNX_INPUT,
     ONNX_OPSET,
     ONNX_OUTPUT,
+    TFLITE_FILE,
     WEIGHTS_FILE,
     quiet_onnx_exporter,
 )
 from train.nets.latency import latency_context, onnx_latencies
+from train.nets.litert import tflite_latencies
 from train.nets.load import LoadError, load_exported
 from train.nets.normalize import normalize
 
@@ -77,9 +81,11 @@ def export_model(
     example_images: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
     latency: bool,
+    tflite: bool,
     record: Mapping[str, Any] | None = None,
 ) -> ExportReport:
-    """Write the four export files for `model` (whatever weights it holds: pass the EMA ones when EMA is on).
+    """Write the four export files for `model` (whatever weights it holds: pass the EMA ones when EMA is on), and
+    with `tflite` (and the litert extra) `model.tflite`, evaluated in LiteRT beside PyTorch (train.export.tflite).
 
     `data_config` is timm's resolved data config; it becomes the exported preprocessing. `val_batches` are batch
     dicts (`image` uint8 [B,3,H,W], `target`, `valid`) evaluated for metrics.json; None skips evaluation.
@@ -103,49 +109,58 @@ def export_model(
         reload_diff, scale = _compare_reload(model, shipped, x)
         export_onnx(shipped, stage / ONNX_FILE, x)
         onnx_diff = check_onnx(stage / ONNX_FILE, shipped, x)
+        lite = export_tflite(shipped, stage, x, architecture=architecture, rel_tol=ONNX_REL_TOL) if tflite else None
+        runtimes = {"tflite": lite.runner} if lite is not None and lite.runner is not None else {}
         metrics = {"architecture": architecture, "num_classes": len(label_names)}
-        metrics.update(evaluate(shipped.to(device), batches, mean=mean, std=std) if batches is not None else
-                       {"top1": None, "top5": None, "val_images": 0})
+        metrics.update(evaluate(shipped.to(device), batches, mean=mean, std=std, runtimes=runtimes)
+                       if batches is not None else {"top1": None, "top5": None, "val_images": 0})
+        metrics.update(lite.metrics if lite is not None else {})
         # The export's own top-1 is always fp32 (whatever precision training validated in), on `device`.
         metrics["precision"] = "fp32"
         metrics["img_size"] = int(data_config["input_size"][-1])
         metrics["onnx_max_abs_diff"] = onnx_diff
         metrics["size_mb"] = {"safetensors": (stage / WEIGHTS_FILE).stat().st_size / 1e6,
                               "onnx": (stage / ONNX_FILE).stat().st_size / 1e6}
+        if runtimes:
+            metrics["size_mb"]["tflite"] = (stage / TFLITE_FILE).stat().st_size / 1e6
         if latency:
             metrics["latency_ms"] = onnx_latencies(stage / ONNX_FILE, metrics["img_size"])
+            if runtimes:
+                metrics["latency_ms"].update(tflite_latencies(stage / TFLITE_FILE, metrics["img_size"]))
             metrics["latency_context"] = latency_context()
         metrics.update(record or {})
         _write_json(stage / METRICS_FILE, metrics)
         files = _publish(stage, out_dir)
-    log.info("export: %s -> %s (top-1 %s, top-5 %s on %d images; ONNX max |dlogit| %.3g)", architecture, out_dir,
-             _pct(metrics["top1"]), _pct(metrics["top5"]), metrics["val_images"], onnx_diff)
+    lite_text = (f"; LiteRT top-1 {_pct(metrics['tflite_top1'])}, agreement {_pct(metrics['tflite_agreement'])}%"
+                 if "tflite_top1" in metrics else "")
+    log.info("export: %s -> %s (top-1 %s, top-5 %s on %d images; ONNX max |dlogit| %.3g%s)", architecture, out_dir,
+             _pct(metrics["top1"]), _pct(metrics["top5"]), metrics["val_images"], onnx_diff, lite_text)
     return ExportReport(out_dir=out_dir, files=files, metrics=metrics, reload_max_abs_diff=reload_diff,
                         logit_scale=scale, onnx_bound=ONNX_REL_TOL * scale)
 
 
 def evaluate(
-    model: nn.Module, batches: Iterable[Mapping[str, Any]], *, mean: Sequence[float], std: Sequence[float]
+    model: nn.Module, batches: Iterable[Mapping[str, Any]], *, mean: Sequence[float], std: Sequence[float],
+    runtimes: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
-    """top1/top5 in percent over the valid samples of `batches`, and how many there were."""
+    """top1/top5 in percent over the valid samples of `batches`, and how many there were; for each of `runtimes`
+    (the same network in another runtime, e.g. `tflite`), `<name>_top1`, `_top5`, and its `_agreement` (% of
+    images with the same top-1) and `_max_abs_diff` (largest |logit difference|) against `model`, in the same pass."""
     device = next(model.parameters()).device
-    k = min(5, model.num_classes)
-    hits1 = hits5 = seen = 0
-    with torch.inference_mode():
-        for batch in batches:
-            valid = batch["valid"].to(torch.bool)
-            if not valid.any():
-                continue
-            images = batch["image"][valid].to(device, non_blocking=True)
-            target = batch["target"][valid].to(device, non_blocking=True)
-            top = model(normalize(images, mean, std)).topk(k, dim=1).indices
-            hit = top == target[:, None]
-            hits1 += int(hit[:, 0].sum())
-            hits5 += int(hit.any(dim=1).sum())
-            seen += int(valid.sum())
-    if seen == 0:
-        raise ExportError("the validation batches held no valid image: check the val split of the data root")
-    return {"top1": 100.0 * hits1 / seen, "top5": 100.0 * hits5 / seen, "val_images": seen}
+    models = {"model": lambda x: model(x.to(device, non_blocking=True)), **(runtimes or {})}
+    try:
+        results = measure(models, "model", batches, mean=mean, std=std, num_classes=model.num_classes)
+    except ExportError:
+        raise
+    except UserError as e:
+        raise ExportError(str(e)) from None
+    out: dict[str, Any] = {"top1": results["model"]["top1"], "top5": results["model"]["top5"],
+                           "val_images": results["model"]["images"]}
+    for name in runtimes or {}:
+        r = results[name]
+        out.update({f"{name}_top1": r["top1"], f"{name}_top5": r["top5"], f"{name}_agreement": r["agree"],
+                    f"{name}_max_abs_diff": r["max_diff"]})
+    return out
 
 
 def export_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> None:
@@ -252,10 +267,15 @@ def _compare_reload(model: nn.Module, shipped: nn.Module, x: torch.Tensor) -> tu
 
 
 def _publish(stage: Path, out_dir: Path) -> dict[str, Path]:
-    """Move the checked files into place, one atomic rename each, metrics.json last."""
+    """Move the checked files into place, one atomic rename each, metrics.json last. A model.tflite of an earlier
+    export that this one could not make is removed (metrics.json says why), so every file matches metrics.json."""
     files = {}
     mode = _file_mode()
-    for name in ARTIFACTS:
+    if not (stage / TFLITE_FILE).is_file():
+        (out_dir / TFLITE_FILE).unlink(missing_ok=True)
+    for name in (*ARTIFACTS[:-1], TFLITE_FILE, ARTIFACTS[-1]):
+        if name == TFLITE_FILE and not (stage / name).is_file():
+            continue
         # safetensors writes owner-only files; shipped files get what any new file of this user gets.
         os.chmod(stage / name, mode)
         os.replace(stage / name, out_dir / name)

@@ -51,12 +51,13 @@ def export_checkpoint(
     num_workers: int | None = None,
     device: str | torch.device | None = None,
     latency: bool | None = None,
+    tflite: bool | None = None,
 ) -> ExportReport:
     """Export a checkpoint of `python -m train`, evaluated on the val split of its (or the given) shard dir.
 
     `batch_size` defaults to the run's validation batch, `num_workers` to `export_workers()`, `device` to a GPU
-    when there is one; `latency`, unless None, replaces the run's export_latency (batch-1 CPU latency of the ONNX
-    file)."""
+    when there is one; `latency` and `tflite`, unless None, replace the run's export_latency (batch-1 CPU latency
+    of the ONNX and LiteRT files) and export_tflite (model.tflite, with the litert extra)."""
     ckpt_path = Path(ckpt_path)
     ckpt = read_checkpoint(ckpt_path)
     name, label_names = _network_of(ckpt)
@@ -69,7 +70,7 @@ def export_checkpoint(
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
     return export_model(model, out, architecture=name, label_names=label_names, data_config=ckpt["data_config"],
                         val_batches=loader, device=device or default_device(), latency=_export_latency(ckpt, latency),
-                        record=_record(ckpt))
+                        tflite=_export_tflite(ckpt, tflite), record=_record(ckpt))
 
 
 def export_quantized(
@@ -83,11 +84,13 @@ def export_quantized(
     num_workers: int | None = None,
     latency: bool | None = None,
     ptq_observer: str | None = None,
+    tflite: bool | None = None,
 ) -> tuple[ExportReport, Int8Report]:
     """The float export plus model_int8.pte / model_int8.onnx measured in their runtimes: from a QAT checkpoint
     (its fake-quant network), or with `ptq` from a float one (calibrated on `calib_batches` training batches with the
     eval preprocessing). `latency` and `ptq_observer`, unless None, replace the run's quant.latency (batch-1 CPU
-    latency in each runtime) and quant.ptq_observer (how calibration sets activation ranges)."""
+    latency in each runtime) and quant.ptq_observer (how calibration sets activation ranges); `tflite`, unless None,
+    the run's export_tflite (model.tflite and model_int8.tflite, with the litert extra)."""
     ckpt_path = Path(ckpt_path)
     ckpt = read_checkpoint(ckpt_path)
     name, label_names = _network_of(ckpt)
@@ -111,7 +114,8 @@ def export_quantized(
                               dct_reduce=eval_dct_reduce(ckpt), max_bad_fraction=run_bad_fraction(ckpt))
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_path)
     report = export_model(model, out, architecture=name, label_names=label_names, data_config=data_config,
-                          val_batches=loader, latency=_export_latency(ckpt, latency), record=_record(ckpt))
+                          val_batches=loader, latency=_export_latency(ckpt, latency),
+                          tflite=_export_tflite(ckpt, tflite), record=_record(ckpt))
     if net is None:
         net = PTQNetwork(build_network(name, len(label_names), state), img_size=img_size, quant=quant)
         net.calibrate(build_val_loader(root, data_config, batch_size=batch_size, num_workers=workers,
@@ -120,7 +124,8 @@ def export_quantized(
                       mean=data_config["mean"], std=data_config["std"], limit=calib_batches)
     int8 = export_int8(net, model, out, loader, img_size=img_size, mean=data_config["mean"], std=data_config["std"],
                        num_classes=len(label_names), min_agreement=quant["min_agreement"],
-                       max_top1_drop=float(quant["max_top1_drop"]), latency=bool(quant["latency"]))
+                       max_top1_drop=float(quant["max_top1_drop"]), latency=bool(quant["latency"]),
+                       tflite=_export_tflite(ckpt, tflite))
     return report, int8
 
 
@@ -135,9 +140,12 @@ def quant_settings(ckpt: Mapping[str, Any], *, latency: bool | None, ptq_observe
 
 
 def run_settings(ckpt: Mapping[str, Any], group: str) -> dict[str, Any]:
-    """A config group of the run; keys a checkpoint predates (or a hand-made one lacks) take today's defaults."""
+    """A config group of the run; keys a checkpoint predates (or a hand-made one lacks) take today's defaults, one
+    level down too (quant.min_agreement.tflite for a run that predates LiteRT)."""
     defaults = OmegaConf.to_container(compose_config()[group], resolve=False)
-    return {**defaults, **(ckpt["run_config"].get(group) or {})}
+    run = ckpt["run_config"].get(group) or {}
+    return {**defaults, **{k: {**defaults[k], **v} if isinstance(v, Mapping) and isinstance(defaults.get(k), Mapping)
+                           else v for k, v in run.items()}}
 
 
 def run_batch_size(ckpt: Mapping[str, Any]) -> int:
@@ -158,6 +166,11 @@ def _network_of(ckpt: Mapping[str, Any]) -> tuple[str, list[str]]:
 def _export_latency(ckpt: Mapping[str, Any], override: bool | None) -> bool:
     """The command line's choice, else the run's export_latency (on for checkpoints that predate the key)."""
     return bool(ckpt["run_config"].get("export_latency", True)) if override is None else override
+
+
+def _export_tflite(ckpt: Mapping[str, Any], override: bool | None) -> bool:
+    """The command line's choice, else the run's export_tflite (on for checkpoints that predate the key)."""
+    return bool(ckpt["run_config"].get("export_tflite", True)) if override is None else override
 
 
 def _record(ckpt: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """`python -m train.export CKPT [--out DIR] [--data-root DIR] [--ptq]`: ship a checkpoint of `python -m train`.
 
-Exits 0 when exported, 2 on bad input (the message names the fix), 3 when an int8 runtime or the int8 model fails
-its threshold (the files are still written).
+Exits 0 when exported, 2 on bad input (the message names the fix), 3 when a runtime (LiteRT, an int8 one) cannot take
+the model or fails its threshold, or the int8 model does (the other files are still written).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-latency", dest="latency", action="store_const", const=False, default=None,
                         help="skip the batch-1 CPU latency figures (default: the run's export_latency and, for int8, "
                              "quant.latency)")
+    parser.add_argument("--no-tflite", dest="tflite", action="store_const", const=False, default=None,
+                        help="no LiteRT files (default: the run's export_tflite; they need the litert extra)")
     return parser.parse_args(argv)
 
 
@@ -62,11 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             report, int8 = export_quantized(args.ckpt, ptq=args.ptq, calib_batches=args.calib_batches,
                                             out_dir=out, data_root=args.data_root, batch_size=args.batch_size,
                                             num_workers=args.num_workers, latency=args.latency,
-                                            ptq_observer=args.ptq_observer)
+                                            ptq_observer=args.ptq_observer, tflite=args.tflite)
         else:
             report = export_checkpoint(args.ckpt, out_dir=out, data_root=args.data_root,
                                        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                                       latency=args.latency)
+                                       latency=args.latency, tflite=args.tflite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -74,13 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"exported {m['architecture']} to {report.out_dir}: top1 {m['top1']:.2f}% top5 {m['top5']:.2f}% on "
           f"{m['val_images']} val images; ONNX max |logit difference| {m['onnx_max_abs_diff']:.3g} "
           f"(bound {report.onnx_bound:.3g})")
+    if "tflite_top1" in m:
+        print(f"LiteRT model.tflite: top1 {m['tflite_top1']:.2f}% (agreement {m['tflite_agreement']:.2f}%, max |logit "
+              f"difference| {m['tflite_max_abs_diff']:.3g})")
+    failed = bool(m.get("tflite_error"))
+    if failed:
+        print(f"error: {m['tflite_error']}", file=sys.stderr)
     if int8 is not None:
         m = int8.metrics
         print(f"int8: ExecuTorch top1 {m['int8_pte_top1']:.2f}% (agreement {m['int8_pte_agreement']:.1f}%), "
               f"onnxruntime top1 {m['int8_onnx_top1']:.2f}% (agreement {m['int8_onnx_agreement']:.1f}%), "
-              f"float {m['float_top1']:.2f}%")
+              f"float {m['float_top1']:.2f}%"
+              + (f", LiteRT top1 {m['int8_tflite_top1']:.2f}% (agreement {m['int8_tflite_agreement']:.1f}%)"
+                 if "int8_tflite_top1" in m else ""))
         for failure in int8.failures:
             print(f"error: int8 export: {failure}", file=sys.stderr)
-        if int8.failures:
-            return 3
-    return 0
+        failed = failed or bool(int8.failures)
+    return 3 if failed else 0

@@ -38,7 +38,8 @@ class DataParts:
 @dataclass(frozen=True)
 class ExportContext:
     """What an export step works with: the network as trained, the float network the export shipped, where it
-    shipped it, the val batches it measured, the run's data config and its loggers."""
+    shipped it, the val batches it measured, the run's data config and its loggers, and whether the export writes
+    LiteRT files (export_tflite)."""
 
     trained: nn.Module
     shipped: nn.Module
@@ -47,6 +48,7 @@ class ExportContext:
     data_config: Mapping[str, Any]
     num_classes: int
     loggers: Sequence[Logger]
+    tflite: bool
 
 
 class Feature:

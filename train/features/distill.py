@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class KnowledgeDistillation(Feature):
     def __init__(self, kd: Mapping[str, Any], *, train_aug: Mapping[str, Any], label_smoothing: float,
                  train_dct_reduce: bool, eval_dct_reduce: bool, selection_dir: Path,
-                 conflicts: Sequence[str] = ()) -> None:
+                 conflicts: Sequence[str] = (), compile_mode: str | None = None) -> None:
         self.kd = dict(kd)
         self.conflicts = list(conflicts)  # explicit settings that the built kd sets refuse (the preflight says so)
         self.train_aug, self.label_smoothing = dict(train_aug), label_smoothing
@@ -40,6 +40,7 @@ class KnowledgeDistillation(Feature):
         self.selection_dir = selection_dir
         self.built: Distillation | None = None
         self.teacher: Teacher | None = None  # the preflight's, when it ran
+        self.compile_mode = compile_mode  # compile=true: the teacher runs compiled too (torch.compile's mode)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> KnowledgeDistillation:
@@ -54,7 +55,8 @@ class KnowledgeDistillation(Feature):
             log.info("kd.teacher: the float model of init_from=%s", cfg.init_from)
         return cls(kd, train_aug=plain(cfg.aug.train), label_smoothing=float(cfg.label_smoothing),
                    train_dct_reduce=bool(cfg.data.train_dct_reduce), eval_dct_reduce=bool(cfg.data.eval_dct_reduce),
-                   selection_dir=Path(str(cfg.run_dir)) / "kd_selection", conflicts=conflicts)
+                   selection_dir=Path(str(cfg.run_dir)) / "kd_selection", conflicts=conflicts,
+                   compile_mode=str(cfg.compile_mode) if cfg.compile else None)
 
     def preflight(self, problems: Problems, *, info: DatasetInfo | None, trainer: Mapping[str, Any]) -> None:
         for conflict in self.conflicts:
@@ -70,6 +72,8 @@ class KnowledgeDistillation(Feature):
             self.kd, info, data_config, parts.datamodule_args, train_aug=self.train_aug,
             label_smoothing=self.label_smoothing, train_dct_reduce=self.train_dct_reduce,
             eval_dct_reduce=self.eval_dct_reduce, selection_dir=self.selection_dir, teacher=self.teacher)
+        if self.compile_mode is not None:  # online labels and validation beside the teacher: its forward, compiled
+            kd.teacher.compile(self.compile_mode)
         # The recipe's views are already mixed where the recipe mixes (D2): the student only flips.
         mixing = NoMixing() if self.kd["method"] == "soft_target" else parts.batch_mixing
         return replace(parts, datamodule=kd.datamodule, objective=kd.objective, val_extras=kd.val_extras,

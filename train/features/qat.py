@@ -69,11 +69,13 @@ class QuantizationAware(Feature):
         int8 = export_int8(context.trained, context.shipped, context.export_dir, context.val_batches, img_size=size,
                            mean=context.data_config["mean"], std=context.data_config["std"],
                            num_classes=context.num_classes, min_agreement=self.quant["min_agreement"],
-                           max_top1_drop=float(self.quant["max_top1_drop"]), latency=bool(self.quant["latency"]))
+                           max_top1_drop=float(self.quant["max_top1_drop"]), latency=bool(self.quant["latency"]),
+                           tflite=context.tflite)
         for failure in int8.failures:
             record_summary(context.loggers, {"export/int8_failure": failure})
-        for key in ("int8_kept_float", "pte_outside_xnnpack"):  # what stayed float, where the backend kept it so
-            if int8.metrics[key]:
+        for key in ("int8_kept_float", "pte_outside_xnnpack", "int8_tflite_outside_xnnpack",
+                    "int8_tflite_float_ops"):  # what stayed float, where the backend kept it so
+            if int8.metrics.get(key):
                 record_summary(context.loggers, {f"export/{key}": ", ".join(f"{k} x{n}"
                                                                             for k, n in int8.metrics[key].items())})
         return int8.metrics

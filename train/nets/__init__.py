@@ -7,6 +7,9 @@
     files      the export directory's file names and the checkpoint's keys, named once
     load       the one loader of trained networks (export dir | checkpoint of ours | timm name + local weights)
     latency    batch-1 CPU latency of a network file in its runtime
+    litert     LiteRT (.tflite): conversion, its interpreter, what XNNPACK takes (the optional `litert` extra)
+    evaluate   one pass over val batches through several runtimes of a network: top-1, agreement, max |dlogit|
+    compiled   torch.compile in place (checkpoint keys unchanged), the plain network back, inductor's needs
     zoo        each model config's params and MACs beside the paper's
     configs    where `conf/` is: model configs, and the config a run composes
 

@@ -9,6 +9,8 @@ An export directory (`<run dir>/export/`, written by `train.export`):
     metrics.json        written last: its presence means the other files are complete and checked
     model_int8.pte      QAT / PTQ only: ExecuTorch program, XNNPACK-delegated
     model_int8.onnx     QAT / PTQ only: QDQ ONNX for onnxruntime
+    model.tflite        the float network in LiteRT (NHWC batch-1 input: train.nets.litert), with the litert extra
+    model_int8.tflite   QAT / PTQ only, with the litert extra: int8 LiteRT, from the same prepared graph as the others
 
 A checkpoint of `python -m train` is a Lightning checkpoint holding plain values only (it loads with
 `torch.load(weights_only=True)`): CHECKPOINT_KEYS, the network's weights under NETWORK_PREFIX in `state_dict`.
@@ -28,6 +30,8 @@ METRICS_FILE = "metrics.json"
 ARTIFACTS = (WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE, METRICS_FILE)
 INT8_PTE_FILE = "model_int8.pte"
 INT8_ONNX_FILE = "model_int8.onnx"
+TFLITE_FILE = "model.tflite"
+INT8_TFLITE_FILE = "model_int8.tflite"
 
 # The preprocessing a network was trained with: timm's resolved data config, kept in checkpoints and config.json.
 DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")

@@ -15,6 +15,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from timm.layers import LayerScale2d
+
 from data_pipes.errors import UserError
 from train.quant.patterns import cache_pattern_graphs
 
@@ -86,4 +88,16 @@ def quantizer(backend: str, *, weight_bits: int, qat: bool, ptq_observer: str | 
         config = dataclasses.replace(config, **{
             k: dataclasses.replace(getattr(config, k), observer_or_fake_quant_ctr=ctr)
             for k in ("input_activation", "output_activation")})
-    return xnn.XNNPACKQuantizer().set_global(config)
+    quantizer = xnn.XNNPACKQuantizer().set_global(config)
+    for module_type in FLOAT_MODULES:
+        quantizer.set_module_type(module_type, None)  # None: the quantizer leaves the module's ops in float
+    return quantizer
+
+
+# Modules whose ops stay float on purpose. MobileNetV4's hybrid blocks scale each residual branch by a learned
+# per-channel gamma (layer scale, initialised at 1e-5): quantized, gamma x activation falls below one step of the
+# activation's int8 scale and the branch rounds to zero, which collapsed MNv4-Hybrid-M's int8 output to a constant.
+# One multiply per block in float costs little; its input and output stay int8 (reported as `int8_kept_float` where
+# a runtime computes it in float: `int8_tflite_float_ops`). Attention's matmuls and softmax are left float by the
+# quantizer itself (XNNPACK has no int8 kernels for them).
+FLOAT_MODULES = (LayerScale2d,)

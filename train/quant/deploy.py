@@ -1,5 +1,8 @@
-"""int8 deployment: convert the fake-quant network, write `model_int8.pte` (ExecuTorch, XNNPACK) and
-`model_int8.onnx` (QDQ, onnxruntime), and measure each file **in its own runtime** on the validation images.
+"""int8 deployment: convert the fake-quant network, write `model_int8.pte` (ExecuTorch, XNNPACK),
+`model_int8.onnx` (QDQ, onnxruntime) and, with the litert extra, `model_int8.tflite` (LiteRT), and measure each file
+**in its own runtime** on the validation images. All come from the same prepared graph (one QAT run or one
+calibration): ExecuTorch and ONNX take it converted with folded int8 weights, LiteRT's converter takes a second
+conversion that keeps the weights' quantize nodes (it folds them itself), so no runtime sees other ranges.
 
 What is measured: top-1/top-5 of the converted PyTorch int8 model and of each runtime, each
 runtime's top-1 agreement with the PyTorch int8 model and its max |logit difference|, file sizes, and batch-1 CPU
@@ -7,8 +10,9 @@ latency per image of the float and int8 model in each runtime. A runtime whose a
 is reported as a failure (`Int8Report.failures`), never silently.
 
 What the backend cannot quantize stays float rather than failing, and is reported: `int8_kept_float` (compute ops
-the quantizer left in float, e.g. MNv4-Hybrid's attention) and `pte_outside_xnnpack` (ops ExecuTorch runs with its
-portable kernels because XNNPACK did not take them).
+the quantizer left in float, e.g. MNv4-Hybrid's attention), `pte_outside_xnnpack` (ops ExecuTorch runs with its
+portable kernels because XNNPACK did not take them), `int8_tflite_outside_xnnpack` (the same for LiteRT) and
+`int8_tflite_float_ops` (what the int8 .tflite computes in float between a DEQUANTIZE and a QUANTIZE).
 """
 
 from __future__ import annotations
@@ -28,26 +32,37 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from train.nets.files import INT8_ONNX_FILE, INT8_PTE_FILE, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, quiet_onnx_exporter
+from data_pipes.errors import UserError
+from train.nets import litert
+from train.nets.evaluate import measure as measure_runtimes
+from train.nets.files import (
+    INT8_ONNX_FILE,
+    INT8_PTE_FILE,
+    INT8_TFLITE_FILE,
+    ONNX_INPUT,
+    ONNX_OPSET,
+    ONNX_OUTPUT,
+    quiet_onnx_exporter,
+)
 from train.nets.latency import onnx_latencies
-from train.nets.normalize import normalize
 from train.quant.backend import QuantError, onnx_weight_bits_hint, require
 from train.quant.network import drop_batch_counters
 
 log = logging.getLogger(__name__)
-PTE_FILE, ONNX_FILE = INT8_PTE_FILE, INT8_ONNX_FILE
+PTE_FILE, ONNX_FILE, TFLITE_FILE = INT8_PTE_FILE, INT8_ONNX_FILE, INT8_TFLITE_FILE
 ONNX_MAX_BATCH = 1024
 
 
-def convert(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def convert(graph: torch.fx.GraphModule, *, fold_quantize: bool = True) -> torch.fx.GraphModule:
     """The int8 PyTorch model (quantize/dequantize around int8 weights) of a prepared graph (QAT or calibrated
-    PTQ); `graph` is untouched."""
+    PTQ); `graph` is untouched. `fold_quantize=False` keeps each weight as float + quantize node (what LiteRT's
+    converter lowers; ExecuTorch needs them folded): both compute the same outputs."""
     pt2e = require("torchao.quantization.pt2e")
     quantize = require("torchao.quantization.pt2e.quantize_pt2e")
     # Training may have made the weights channels_last; the lowering passes expect the layout they were traced in.
     prepared = copy.deepcopy(graph).to(memory_format=torch.contiguous_format)
     prepared.apply(pt2e.disable_observer)
-    converted = quantize.convert_pt2e(prepared)
+    converted = quantize.convert_pt2e(prepared, fold_quantize=fold_quantize)
     pt2e.move_exported_model_to_eval(converted)
     drop_batch_counters(converted)
     return converted
@@ -191,48 +206,48 @@ class Int8Report:
 
 def measure(models: Mapping[str, Callable[[Tensor], Tensor]], reference: str, batches: Iterable[Mapping[str, Any]],
             *, mean: Sequence[float], std: Sequence[float], num_classes: int) -> dict[str, dict[str, float]]:
-    """Top-1/top-5 of every model over the valid images, and each one's top-1 agreement and max |logit
-    difference| against `reference`, in one pass over the batches (every model sees the same pixels)."""
-    k = min(5, num_classes)
-    stats = {name: {"hits1": 0, "hits5": 0, "agree": 0, "max_diff": 0.0} for name in models}
-    seen = 0
-    with torch.inference_mode():
-        for batch in batches:
-            valid = batch["valid"].to(torch.bool)
-            if not valid.any():
-                continue
-            x, target = normalize(batch["image"][valid], mean, std), batch["target"][valid]
-            logits = {name: run(x).float() for name, run in models.items()}
-            ref = logits[reference]
-            for name, out in logits.items():
-                top = out.topk(k, dim=1).indices
-                s = stats[name]
-                s["hits1"] += int((top[:, 0] == target).sum())
-                s["hits5"] += int((top == target[:, None]).any(dim=1).sum())
-                s["agree"] += int((out.argmax(1) == ref.argmax(1)).sum())
-                s["max_diff"] = max(s["max_diff"], float((out - ref).abs().max()))
-            seen += int(valid.sum())
-    if seen == 0:
-        raise QuantError("the validation batches held no valid image: check the val split of the data root")
-    return {name: {"top1": 100.0 * s["hits1"] / seen, "top5": 100.0 * s["hits5"] / seen,
-                   "agree": 100.0 * s["agree"] / seen, "max_diff": s["max_diff"], "images": seen}
-            for name, s in stats.items()}
+    """train.nets.evaluate.measure, its error a QuantError."""
+    try:
+        return measure_runtimes(models, reference, batches, mean=mean, std=std, num_classes=num_classes)
+    except UserError as e:
+        raise QuantError(str(e)) from None
+
+
+@dataclass
+class TfliteInt8:
+    runner: litert.TfliteRunner | None
+    metrics: dict[str, Any]
+    failure: str | None = None
+
+
+def write_tflite_int8(graph: torch.fx.GraphModule, path: Path, img_size: int) -> TfliteInt8:
+    """model_int8.tflite from the prepared `graph`; a conversion LiteRT refuses is a failure of this runtime only."""
+    try:
+        litert.write_tflite(convert(graph, fold_quantize=False), path, img_size, what="the int8 model", int8=True)
+        runner = litert.TfliteRunner(path)
+        placed = litert.delegation(path)
+    except litert.LiteRTError as e:
+        path.unlink(missing_ok=True)
+        return TfliteInt8(None, {"int8_tflite_error": str(e)}, failure=f"tflite: {e}")
+    return TfliteInt8(runner, {"int8_tflite_input": litert.input_description(runner),
+                               "int8_tflite_outside_xnnpack": placed.outside_xnnpack,
+                               "int8_tflite_xnnpack_partitions": placed.partitions,
+                               "int8_tflite_float_ops": placed.float_ops})
 
 
 def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module | None, float_model: nn.Module, out_dir: Path,
            batches: Iterable, *, img_size: int, mean: Sequence[float], std: Sequence[float], num_classes: int,
-           min_agreement: Mapping[str, float], max_top1_drop: float, latency: bool) -> Int8Report:
-    """Convert the prepared `graph`, write both int8 files into `out_dir`, and measure the float model, the
-    fake-quant one (`fake_quant`: the QAT network; None for PTQ, whose calibrated graph computes in float), int8
-    PyTorch and each runtime (with `latency`, also batch-1 CPU latency of float and int8 in each runtime). A runtime
-    below its `min_agreement`, or an int8 model more than `max_top1_drop` points of top-1 below the float one, is a
-    failure in the report."""
+           min_agreement: Mapping[str, float], max_top1_drop: float, latency: bool, tflite: bool) -> Int8Report:
+    """Convert the prepared `graph`, write the int8 files into `out_dir` (with `tflite` and the litert extra, the
+    LiteRT one too), and measure the float model, the fake-quant one (`fake_quant`: the QAT network; None for PTQ,
+    whose calibrated graph computes in float), int8 PyTorch and each runtime (with `latency`, also batch-1 CPU
+    latency of float and int8 in each runtime). A runtime below its `min_agreement`, one that cannot convert the
+    model, or an int8 model more than `max_top1_drop` points of top-1 below the float one, is a failure in the
+    report; the other runtimes' files are written and measured all the same."""
     out_dir = Path(out_dir)
     converted = convert(graph)
-    pte, onnx_path = out_dir / PTE_FILE, out_dir / ONNX_FILE
-    pte_file = write_pte(converted, pte, img_size)
-    write_onnx(converted, onnx_path, img_size)
-    runners = {"pte": PteRunner(pte, pte_file.dynamic, img_size), "onnx": OnnxRunner(onnx_path)}
+    files = _write_files(graph, converted, out_dir, img_size, tflite)
+    runners = files.runners
     float_model = float_model.eval()
     models = {"float": float_model, "int8_torch": converted, **runners}
     if fake_quant is not None:
@@ -242,39 +257,79 @@ def deploy(graph: torch.fx.GraphModule, fake_quant: nn.Module | None, float_mode
     for name in models:
         key = f"int8_{name}" if name in runners else name
         metrics[f"{key}_top1"], metrics[f"{key}_top5"] = results[name]["top1"], results[name]["top5"]
-    metrics["int8_kept_float"], metrics["pte_outside_xnnpack"] = kept_float(converted), pte_file.outside_xnnpack
-    for what, ops in (("the int8 model computes in float", metrics["int8_kept_float"]),
-                      ("ExecuTorch runs outside XNNPACK", metrics["pte_outside_xnnpack"])):
-        if ops:
-            log.warning("int8 export: %s: %s", what, ", ".join(f"{op} x{n}" for op, n in ops.items()))
-    report = Int8Report(metrics)
-    for name in runners:
-        agree, diff = results[name]["agree"], results[name]["max_diff"]
-        metrics[f"int8_{name}_agreement"], metrics[f"int8_{name}_max_abs_diff"] = agree, diff
-        if agree < float(min_agreement[name]):
-            report.failures.append(f"{name}: top-1 agreement with the PyTorch int8 model {agree:.1f}% is below "
-                                   f"quant.min_agreement.{name}={min_agreement[name]}% (max |logit diff| {diff:.3g})"
-                                   + (onnx_weight_bits_hint() if name == "onnx" else ""))
-    drop = metrics["float_top1"] - metrics["int8_torch_top1"]
-    if drop > float(max_top1_drop):  # every runtime may agree with an int8 model that has collapsed
-        report.failures.append(f"int8: the PyTorch int8 model's top-1 {metrics['int8_torch_top1']:.2f}% is {drop:.2f} "
-                               f"points below the float model's {metrics['float_top1']:.2f}% (quant.max_top1_drop="
-                               f"{max_top1_drop})")
-    metrics["size_mb"] = {"int8_pte": pte.stat().st_size / 1e6, "int8_onnx": onnx_path.stat().st_size / 1e6}
+    metrics["int8_kept_float"], metrics["pte_outside_xnnpack"] = kept_float(converted), files.pte.outside_xnnpack
+    metrics.update(files.lite.metrics if files.lite is not None else {})
+    for what, key in (("the int8 model computes in float", "int8_kept_float"),
+                      ("ExecuTorch runs outside XNNPACK", "pte_outside_xnnpack"),
+                      ("the int8 .tflite computes in float", "int8_tflite_float_ops")):
+        if metrics.get(key):
+            log.warning("int8 export: %s: %s", what, litert.as_text(metrics[key]))
+    report = Int8Report(metrics, failures=[files.lite.failure] if files.lite and files.lite.failure else [])
+    report.failures += _threshold_failures(results, metrics, runners, min_agreement, max_top1_drop)
+    metrics["size_mb"] = {f"int8_{name}": (out_dir / file).stat().st_size / 1e6
+                          for name, file in (("pte", PTE_FILE), ("onnx", ONNX_FILE), ("tflite", TFLITE_FILE))
+                          if name in runners}
     if latency:
-        metrics["latency_ms"] = _latencies(float_model, converted, runners, img_size, onnx_path)
+        metrics["latency_ms"] = _latencies(float_model, converted, runners, img_size, out_dir)
     metrics["pte_max_batch"] = runners["pte"].max_batch
     for failure in report.failures:
         log.error("int8 export: %s", failure)
     return report
 
 
+@dataclass
+class _Files:
+    runners: dict[str, Callable[[Tensor], Tensor]]  # each written file in its runtime, by runtime
+    pte: PteFile
+    lite: TfliteInt8 | None  # None: LiteRT not asked for, or not installed
+
+
+def _write_files(graph: torch.fx.GraphModule, converted: torch.fx.GraphModule, out_dir: Path, img_size: int,
+                 tflite: bool) -> _Files:
+    pte_file = write_pte(converted, out_dir / PTE_FILE, img_size)
+    write_onnx(converted, out_dir / ONNX_FILE, img_size)
+    runners = {"pte": PteRunner(out_dir / PTE_FILE, pte_file.dynamic, img_size),
+               "onnx": OnnxRunner(out_dir / ONNX_FILE)}
+    lite = None
+    if tflite and not litert.available():
+        litert.say_missing_once()
+    elif tflite:
+        lite = write_tflite_int8(graph, out_dir / TFLITE_FILE, img_size)
+        if lite.runner is not None:
+            runners["tflite"] = lite.runner
+    return _Files(runners, pte_file, lite)
+
+
+def _threshold_failures(results: Mapping[str, Mapping[str, float]], metrics: dict[str, Any],
+                        runners: Mapping[str, Any], min_agreement: Mapping[str, float],
+                        max_top1_drop: float) -> list[str]:
+    """Each runtime's agreement (recorded in `metrics`) against its threshold, and the int8 model's top-1 drop."""
+    failures = []
+    for name in runners:
+        agree, diff = results[name]["agree"], results[name]["max_diff"]
+        metrics[f"int8_{name}_agreement"], metrics[f"int8_{name}_max_abs_diff"] = agree, diff
+        if agree < float(min_agreement[name]):
+            failures.append(f"{name}: top-1 agreement with the PyTorch int8 model {agree:.1f}% is below "
+                            f"quant.min_agreement.{name}={min_agreement[name]}% (max |logit diff| {diff:.3g})"
+                            + (onnx_weight_bits_hint() if name == "onnx" else ""))
+    drop = metrics["float_top1"] - metrics["int8_torch_top1"]
+    if drop > float(max_top1_drop):  # every runtime may agree with an int8 model that has collapsed
+        failures.append(f"int8: the PyTorch int8 model's top-1 {metrics['int8_torch_top1']:.2f}% is {drop:.2f} "
+                        f"points below the float model's {metrics['float_top1']:.2f}% (quant.max_top1_drop="
+                        f"{max_top1_drop})")
+    return failures
+
+
 def _latencies(float_model: nn.Module, converted: nn.Module, runners: Mapping[str, Any], img_size: int,
-               onnx_path: Path) -> dict[str, float]:
-    """Batch-1 CPU ms per image: int8 in onnxruntime (1 thread and all cores, as the float export measures its ONNX
-    file), int8 and float in ExecuTorch (a float program lowered here just to time it) and in PyTorch."""
-    out = {**onnx_latencies(onnx_path, img_size, prefix="int8_"), "int8_pte": latency_ms(runners["pte"], img_size),
+               out_dir: Path) -> dict[str, float]:
+    """Batch-1 CPU ms per image: int8 in onnxruntime and LiteRT (1 thread and all cores, as the float export
+    measures its ONNX and LiteRT files), int8 and float in ExecuTorch (a float program lowered here just to time it)
+    and in PyTorch."""
+    out = {**onnx_latencies(out_dir / ONNX_FILE, img_size, prefix="int8_"),
+           "int8_pte": latency_ms(runners["pte"], img_size),
            "float_torch": latency_ms(float_model, img_size), "int8_torch": latency_ms(converted, img_size)}
+    if "tflite" in runners:
+        out.update(litert.tflite_latencies(out_dir / TFLITE_FILE, img_size, prefix="int8_"))
     with tempfile.TemporaryDirectory() as tmp:
         float_pte = Path(tmp) / "float.pte"
         float_file = write_pte(float_model, float_pte, img_size)

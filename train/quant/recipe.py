@@ -28,7 +28,7 @@ from train.nets.load import LoadError, Settings, load_network
 from train.nets.normalize import normalize
 from train.nets.registry import create_model
 from train.quant.backend import QuantError, quantizer, require
-from train.quant.deploy import ONNX_FILE, PTE_FILE, deploy
+from train.quant.deploy import ONNX_FILE, PTE_FILE, TFLITE_FILE, deploy
 from train.quant.network import FakeQuantNetwork, export_graph
 
 log = logging.getLogger(__name__)
@@ -118,9 +118,9 @@ def float_model(net: FakeQuantNetwork, name: str, num_classes: int) -> nn.Module
 
 def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export_dir: Path, batches: Iterable, *,
                 img_size: int, mean: Sequence[float], std: Sequence[float], num_classes: int,
-                min_agreement: Mapping[str, float], max_top1_drop: float, latency: bool):
-    """model_int8.pte / model_int8.onnx into `export_dir` (beside the float export) and their measurements merged
-    into its metrics.json; returns the `Int8Report`."""
+                min_agreement: Mapping[str, float], max_top1_drop: float, latency: bool, tflite: bool):
+    """model_int8.pte / model_int8.onnx (and with `tflite`, model_int8.tflite) into `export_dir` (beside the float
+    export) and their measurements merged into its metrics.json; returns the `Int8Report`."""
     export_dir = Path(export_dir)
     with tempfile.TemporaryDirectory(dir=export_dir.parent, prefix=".int8-") as stage:
         stage = Path(stage)
@@ -128,15 +128,18 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
         fake_quant = None if isinstance(net, PTQNetwork) else net  # a calibrated PTQ graph computes in float
         report = deploy(net.graph, fake_quant, float_net.cpu(), stage, batches, img_size=img_size, mean=mean,
                         std=std, num_classes=num_classes, min_agreement=min_agreement, max_top1_drop=max_top1_drop,
-                        latency=latency)
+                        latency=latency, tflite=tflite)
         metrics_file = export_dir / METRICS_FILE
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         for key, value in report.metrics.items():  # nested figures (sizes, latencies) join the float export's
             metrics[key] = {**metrics[key], **value} if isinstance(value, dict) and isinstance(metrics.get(key),
                                                                                               dict) else value
         metrics["int8_failures"] = report.failures
-        for name in (PTE_FILE, ONNX_FILE):
-            (stage / name).replace(export_dir / name)
+        for name in (PTE_FILE, ONNX_FILE, TFLITE_FILE):
+            if (stage / name).is_file():
+                (stage / name).replace(export_dir / name)
+            else:  # LiteRT made none this time (not installed, or it failed: metrics.json says which)
+                (export_dir / name).unlink(missing_ok=True)
         tmp = export_dir / f".{METRICS_FILE}.tmp"
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         tmp.replace(metrics_file)
@@ -145,6 +148,8 @@ def export_int8(net: FakeQuantNetwork | PTQNetwork, float_net: nn.Module, export
     log.info("int8: float %.2f%s, int8 PyTorch %.2f, ExecuTorch %.2f (agreement %.1f%%), onnxruntime %.2f (agreement "
              "%.1f%%) top-1 on %d images", m["float_top1"], fake, m["int8_torch_top1"], m["int8_pte_top1"],
              m["int8_pte_agreement"], m["int8_onnx_top1"], m["int8_onnx_agreement"], m["val_images"])
+    if "int8_tflite_top1" in m:
+        log.info("int8: LiteRT %.2f (agreement %.1f%%) top-1", m["int8_tflite_top1"], m["int8_tflite_agreement"])
     return report
 
 

@@ -4,8 +4,8 @@ Kept current while the run trains (written at every validation, so a preempted o
 too) and completed at the end with the export's numbers. It is what `python -m train.compare` reads offline and
 what a W&B table shows online: best and final val top-1/top-5 (and the precision they were measured in), the
 export's own fp32 top-1/top-5, params, MACs at the trained resolution, training images/s, wall-clock hours and
-device-hours, the export's size on disk and batch-1 CPU latency in onnxruntime, the same for the int8 model when
-there is one, and the paper's numbers of the model beside them.
+device-hours, the export's size on disk and batch-1 CPU latency in onnxruntime and LiteRT, the same for the int8
+model when there is one, and the paper's numbers of the model beside them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ EXPORT_KEYS = (
     (("size_mb", "safetensors"), "export/size_mb"), (("size_mb", "onnx"), "export/onnx_size_mb"),
     (("latency_ms", "onnx_1thread"), "export/latency_ms_1thread"),
     (("latency_ms", "onnx_all_threads"), "export/latency_ms_all_threads"),
+    (("tflite_top1",), "export/tflite_top1"), (("tflite_agreement",), "export/tflite_agreement"),
+    (("size_mb", "tflite"), "export/tflite_size_mb"), (("latency_ms", "tflite_1thread"), "export/tflite_latency_ms"),
+    (("tflite_error",), "export/tflite_error"),
     (("int8_torch_top1",), "int8/torch_top1"), (("int8_pte_top1",), "int8/pte_top1"),
     (("int8_onnx_top1",), "int8/onnx_top1"), (("int8_pte_top5",), "int8/pte_top5"),
     (("int8_onnx_top5",), "int8/onnx_top5"), (("fakequant_top1",), "int8/fakequant_top1"),
@@ -40,6 +43,9 @@ EXPORT_KEYS = (
     (("latency_ms", "int8_onnx_1thread"), "int8/latency_ms_1thread"),
     (("latency_ms", "int8_onnx_all_threads"), "int8/latency_ms_all_threads"),
     (("latency_ms", "int8_pte"), "int8/pte_latency_ms"), (("latency_ms", "float_pte"), "int8/float_pte_latency_ms"),
+    (("int8_tflite_top1",), "int8/tflite_top1"), (("int8_tflite_top5",), "int8/tflite_top5"),
+    (("int8_tflite_agreement",), "int8/tflite_agreement"), (("size_mb", "int8_tflite"), "int8/tflite_size_mb"),
+    (("latency_ms", "int8_tflite_1thread"), "int8/tflite_latency_ms"),
 )
 
 
