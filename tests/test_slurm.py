@@ -233,7 +233,7 @@ def test_a_sweep_through_the_hydra_slurm_launcher_survives_submitits_usr2_and_bo
     command = [sys.executable, "-m", "train", "-m", "hydra/launcher=slurm", "model=mnv3_s_075,mnv2_035",
                f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
                f"data.root={shards}", *OVERRIDES[1:-2], "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
-               "export=true"]
+               "export=true", "export_tflite=false"]
     sweeper = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     try:

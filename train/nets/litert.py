@@ -13,14 +13,17 @@ nothing here imports them before a function needs them (a run without the extra 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import os
 import re
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,10 +64,17 @@ def say_missing_once() -> None:
 
 def require(module: str) -> Any:
     """Import a module of the `litert` extra, or stop with how to install it."""
+    # litert-torch imports torchao, which registers an Enum with torch's pytree and gets a deprecation warning on
+    # torch's own handler for it (torch now handles Enums natively): harmless, and not the user's to act on.
+    pytree = logging.getLogger("torch.utils._pytree")
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
     try:
         return importlib.import_module(module)
     except ImportError as e:
         raise LiteRTError(f"LiteRT exports need {module.split('.')[0]} ({e}): {INSTALL_HINT}") from None
+    finally:
+        pytree.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------ converting
@@ -93,7 +103,7 @@ def write_tflite(model: nn.Module, path: Path, img_size: int, *, what: str, int8
     litert_torch = require("litert_torch")
     sample = torch.randn(1, img_size, img_size, 3)
     try:
-        with _quiet_converter():
+        with _quiet_converter(), quiet_native_stderr():
             edge = litert_torch.convert(_channels_last(model), (sample,),
                                         quant_config=_quant_config() if int8 else None)
             edge.export(str(path))
@@ -116,6 +126,24 @@ def blocking_op(error: BaseException) -> str:
         return f"{type(error).__name__}: {first[:300]}"
     called = f" (called as `{where[-1].strip()[:120]}`)" if where else ""
     return f"the op {op.group(1)} stopped it{called}: {first[:200]}"
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """LiteRT's C++ side writes straight to the process's stderr (absl's "Estimated count of arithmetic ops", "INFO:
+    Created TensorFlow Lite XNNPACK delegate for CPU." at every interpreter): send file descriptor 2 elsewhere while
+    it converts or builds an interpreter, so a run's console keeps its one line per event. Errors still raise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 class _quiet_converter:
@@ -161,8 +189,9 @@ class TfliteRunner:
 
     def __init__(self, path: str | os.PathLike, *, threads: int = 1) -> None:
         interpreter = require("ai_edge_litert.interpreter")
-        self.interpreter = interpreter.Interpreter(model_path=str(path), num_threads=threads)
-        self.interpreter.allocate_tensors()
+        with quiet_native_stderr():
+            self.interpreter = interpreter.Interpreter(model_path=str(path), num_threads=threads)
+            self.interpreter.allocate_tensors()
         self.input, self.output = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
         if int(self.input["shape"][0]) != 1 or int(self.input["shape"][-1]) != 3:
             raise LiteRTError(f"{path}: expected a batch-1 NHWC image input, got shape {list(self.input['shape'])}")

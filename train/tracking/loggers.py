@@ -175,7 +175,10 @@ def build_loggers(
         # curves continue on trainer/global_step (WandbLogger's step metric), which the checkpoint restores.
         logger = ServiceSafeWandbLogger(
             project=project, entity=entity, name=identity.name, group=identity.group, tags=identity.tags,
-            save_dir=str(run_dir), job_type="train", config=config, id=wandb_run_id(run_dir), resume="allow",
+            save_dir=str(run_dir), job_type="train", config=config, id=wandb_run_id(run_dir),
+            # Offline, W&B keeps the id and ignores `resume` (`wandb sync` appends to the run), and wandb < 0.31 says
+            # so on stderr at every start: ask for it only where it acts.
+            resume="allow" if mode != "offline" else None,
             # W&B's banner and run summary: the run's final line says where its data is (offline, W&B says nothing
             # else a person needs; online, its warnings stay).
             settings={"silent": True} if mode == "offline" else {"quiet": True},
