@@ -150,8 +150,6 @@ def evaluate(
     models = {"model": lambda x: model(x.to(device, non_blocking=True)), **(runtimes or {})}
     try:
         results = measure(models, "model", batches, mean=mean, std=std, num_classes=model.num_classes)
-    except ExportError:
-        raise
     except UserError as e:
         raise ExportError(str(e)) from None
     out: dict[str, Any] = {"top1": results["model"]["top1"], "top5": results["model"]["top5"],

@@ -299,7 +299,7 @@ def delegation(path: str | os.PathLike) -> Delegation:
 
 
 def _computes_in_float(op: dict) -> bool:
-    return any(t is np.float32 or t == np.float32 for t in op["operand_types"][:1])
+    return any(t == np.float32 for t in op["operand_types"][:1])
 
 
 def _count(names: Iterable[str]) -> dict[str, int]:
