@@ -169,6 +169,7 @@ def test_gpu_check_smoke_runs_every_check_on_the_cpu_and_prints_one_table(synthe
     assert any("train mnv3_s_100, ours (compile=true, bf16, channels_last) |" in row for row in rows), out
     assert any("resume on cpu: killed epoch end | equal to the uninterrupted run" in row for row in rows), out
     assert any("timm train.py | not run: timm's train.py not found" in row for row in rows), out
+    assert any("QAT steps + int8 export | 3 QAT steps, val top-1" in row for row in rows), out  # no export on a CPU
     assert last_line(out) == "GPU check: every check passed (smoke, cpu)"
 
 
@@ -185,3 +186,22 @@ def test_scale_bench_measures_each_stage_at_two_sizes_and_prints_the_growth_and_
         assert figure in rows and "n/a" not in rows[figure], out
     assert "130,000,000" in rows["d3: members (130,000 x 1000)"]  # the default D3 at any size
     assert sum(line.startswith("  [") for line in out.splitlines()) == 7, out  # every goal judged
+
+
+@pytest.mark.slow
+def test_int8_speed_times_a_layer_kind_float_and_int8_in_litert_and_executorch(capsys):
+    from bench.int8_speed import main
+
+    pytest.importorskip("executorch", reason="the int8 extra: pip install 'mobilenet-train[int8]'")
+    pytest.importorskip("litert_torch", reason="the litert extra: pip install 'mobilenet-train[litert]'")
+    main(["--img-size", "32", "--layers", "depthwise"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| depthwise")]
+    assert len(rows) == 2 and rows[0] == rows[1], rows  # printed as measured, then in the table
+    assert len(re.findall(RATIO, rows[0])) == 2, rows[0]  # int8/float in each runtime
+
+
+def test_int8_speed_refuses_an_unknown_layer_kind():
+    from bench.int8_speed import main
+
+    with pytest.raises(SystemExit, match="no such network; choose from"):
+        main(["--layers", "winograd"])

@@ -194,6 +194,38 @@ def test_onnxruntime_overflow_is_detected_on_x86_cpus_without_vnni_only(tmp_path
     assert not onnxruntime_int8_overflows(tmp_path / "absent", "x86_64")  # unknown: not assumed affected
 
 
+def test_a_layer_scale_branch_keeps_its_small_gammas_in_int8_instead_of_rounding_to_zero(monkeypatch):
+    """MNv4-Hybrid's layer scale (per-channel gammas initialised at 1e-5) is left float by the quantizer: quantized,
+    gamma x activation falls below one int8 step of the product's scale (at least 2^-12) and the branch becomes 0."""
+    from timm.layers import LayerScale2d
+
+    from train.quant import backend
+    from train.quant.deploy import convert
+    from train.quant.network import FakeQuantNetwork
+
+    class Branch(torch.nn.Module):  # conv -> layer scale -> the network's output, as in a hybrid block's branch
+        def __init__(self):
+            super().__init__()
+            self.conv, self.scale = torch.nn.Conv2d(3, 8, 3, padding=1), LayerScale2d(8, init_values=1e-5)
+
+        def forward(self, x):
+            return self.scale(self.conv(x)).mean((2, 3))
+
+    def int8_output(float_modules: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(backend, "FLOAT_MODULES", float_modules)
+        torch.manual_seed(0)
+        model, x = Branch(), torch.randn(8, 3, 16, 16)
+        net = FakeQuantNetwork(model, img_size=16, quantizer=backend.quantizer("xnnpack", weight_bits=8, qat=True))
+        net.train()(x)  # observers see the data
+        with torch.inference_mode():
+            return convert(net.eval().graph)(x), model.eval()(x)
+
+    kept, reference = int8_output(backend.FLOAT_MODULES)
+    assert torch.allclose(kept, reference, rtol=0.1, atol=1e-7), (kept, reference)  # the branch survives int8
+    quantized, _ = int8_output(())
+    assert not quantized.any()  # what it was before: rounded to zero
+
+
 def test_an_unknown_ptq_observer_is_refused():
     from train.quant.backend import QuantError, quantizer
 
@@ -226,9 +258,9 @@ def real_batch(shapes):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_fine_tunes_with_fake_quant_converts_and_runs_int8_in_both_runtimes(family, real_batch,
                                                                                         weight_bits, tmp_path):
-    from train.nets import create_model
+    from train.nets import create_model, litert
     from train.quant.backend import quantizer
-    from train.quant.deploy import OnnxRunner, PteRunner, convert, kept_float, write_onnx, write_pte
+    from train.quant.deploy import OnnxRunner, PteRunner, convert, kept_float, write_onnx, write_pte, write_tflite_int8
     from train.quant.network import FakeQuantNetwork
 
     x, y = real_batch
@@ -279,5 +311,14 @@ def test_each_family_fine_tunes_with_fake_quant_converts_and_runs_int8_in_both_r
     floats = kept_float(converted)
     if family == "v4_hybrid":  # attention stays float, and the report says so
         assert floats.get("scaled_dot_product_attention", 0) > 0, floats
+        # LiteRT, from the same graph, follows the PyTorch int8 model: its layer scale is kept float on purpose
+        # (train.quant.backend.FLOAT_MODULES; quantized per tensor, the small gammas round to zero and the int8
+        # network collapses).
+        if litert.available():
+            lite = write_tflite_int8(net.graph, tmp_path / "model_int8.tflite", 32)
+            assert lite.failure is None, lite.failure
+            with torch.inference_mode():
+                lite_agree = 100.0 * float((lite.runner(x).argmax(1) == ref).float().mean())
+            assert lite_agree >= 84, lite_agree
     else:
         assert not {op for op in floats if op in ("conv2d", "linear")}, floats

@@ -131,8 +131,9 @@ def blocking_op(error: BaseException) -> str:
 @contextlib.contextmanager
 def quiet_native_stderr() -> Iterator[None]:
     """LiteRT's C++ side writes straight to the process's stderr (absl's "Estimated count of arithmetic ops", "INFO:
-    Created TensorFlow Lite XNNPACK delegate for CPU." at every interpreter): send file descriptor 2 elsewhere while
-    it converts or builds an interpreter, so a run's console keeps its one line per event. Errors still raise."""
+    Created TensorFlow Lite XNNPACK delegate for CPU." at every interpreter), as ExecuTorch's runtime does when a
+    probed batch does not fit: send file descriptor 2 elsewhere meanwhile, so a run's console keeps its one line per
+    event. Errors still raise."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:

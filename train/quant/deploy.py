@@ -156,12 +156,13 @@ class PteRunner:
 
     def _probe(self, img_size: int) -> int:
         best = 1
-        for batch in (2, 4, 8, 16, 32, 64):
-            try:
-                self.method.execute([torch.zeros(batch, 3, img_size, img_size)])
-            except RuntimeError:
-                break
-            best = batch
+        with litert.quiet_native_stderr():  # ExecuTorch logs each refused size to stderr ("Error resizing tensor")
+            for batch in (2, 4, 8, 16, 32, 64):
+                try:
+                    self.method.execute([torch.zeros(batch, 3, img_size, img_size)])
+                except RuntimeError:
+                    break
+                best = batch
         return best
 
     def __call__(self, x: Tensor) -> Tensor:
