@@ -44,8 +44,8 @@ class InvertedResidual(nn.Module):
         return x + self.body(x)
 
 
-def networks(img_size: int) -> dict[str, nn.Module]:
-    """Feature maps of img_size/4 (a MobileNet's early stages at 96 px: 24x24)."""
+def networks() -> dict[str, nn.Module]:
+    """Feature maps of a quarter of the input size (a MobileNet's early stages at 96 px: 24x24)."""
     return {
         "pointwise 1x1, 192 ch": _stack(192, 4, lambda: [nn.Conv2d(192, 192, 1), nn.ReLU6()]),
         "depthwise 3x3, 192 ch": _stack(192, 4, lambda: [nn.Conv2d(192, 192, 3, padding=1, groups=192), nn.ReLU6()]),
@@ -87,10 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", nargs="+", default=None, help="only the networks whose name starts with one of these")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    chosen = {name: model for name, model in networks(args.img_size).items()
+    every = networks()
+    chosen = {name: model for name, model in every.items()
               if args.layers is None or name.startswith(tuple(args.layers))}
     if not chosen:
-        raise SystemExit(f"--layers {args.layers}: no such network; choose from {list(networks(args.img_size))}")
+        raise SystemExit(f"--layers {args.layers}: no such network; choose from {list(every)}")
     lines = [f"machine: {machine_summary(torch.device('cpu'))}", "",
              "| layers | LiteRT ms float -> int8 (int8/float) | ExecuTorch ms float -> int8 (int8/float) |",
              "|---|---|---|"]
