@@ -162,7 +162,7 @@ def test_int8_tflite_comes_from_the_same_calibrated_graph_as_the_pytorch_int8_mo
                                                                                                   val_batches):
     """The LiteRT half of `deploy` (its ExecuTorch and ONNX halves, and all three from one QAT graph in a run, are
     tested in test_qat_network / test_qat_run)."""
-    from train.quant.deploy import convert, measure, write_tflite_int8
+    from train.quant.deploy import convert, measure, output_step, write_tflite_int8
     from train.quant.recipe import PTQNetwork
 
     net = PTQNetwork(trained, img_size=SIZE, quant={"backend": "xnnpack", "weight_bits": 8,
@@ -179,6 +179,8 @@ def test_int8_tflite_comes_from_the_same_calibrated_graph_as_the_pytorch_int8_mo
     # The same calibration: the file's input scale is the one the PyTorch int8 graph quantizes its input with.
     first_quantize = next(n for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target))
     assert lite.runner.input["quantization"][0] == pytest.approx(float(first_quantize.args[1]), rel=1e-6)
+    # and its logits move in the PyTorch int8 model's output step (what int8_decided counts ties in)
+    assert lite.runner.output["quantization"][0] == pytest.approx(output_step(converted), rel=1e-6)
     m = lite.metrics
     assert m["int8_tflite_input"].startswith(f"NHWC int8 [1, {SIZE}, {SIZE}, 3], normalised, quantized with scale")
     assert 0 < (tmp_path / INT8_TFLITE_FILE).stat().st_size < 0.5 * 2.4e6  # int8: well under the float file's 2.4 MB

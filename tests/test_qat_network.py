@@ -102,6 +102,28 @@ def test_a_checkpointed_fake_quant_network_loads_into_a_new_one_exactly():
     assert not changed(before, other, "running_") and changed(before, other, "scale")
 
 
+def test_a_qat_checkpoint_with_dropout_restores_for_export_with_the_rates_its_run_recorded():
+    from train.nets.load import network_args
+    from train.quant.backend import QuantError
+    from train.quant.recipe import restore_network
+
+    # Dropout above zero is an op of the exported graph, with an observer of its own: the checkpoint of such a run
+    # fits only a network rebuilt with its rates (python -m train.export of every zoo config with a drop_rate).
+    net = fake_quant(drop_rate=0.2, drop_path_rate=0.1)
+    net(torch.randn(8, 3, 32, 32))
+    net.eval()
+    quant = {"backend": "xnnpack", "weight_bits": 8}
+    recorded = {"network_args": {"drop_rate": 0.2, "drop_path_rate": 0.1},
+                "run_config": {"model": {"drop_rate": 0.0, "drop_path_rate": 0.0}}}  # a feature set its own rates
+    restored = restore_network("mobilenetv3_small_100", 10, 32, quant, net.state_dict(), network_args(recorded))
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(net(x), restored(x))
+    older = {"run_config": {"model": {"drop_rate": 0.2, "drop_path_rate": 0.1}}}  # predates the record: the model's
+    assert network_args(older) == recorded["network_args"]
+    with pytest.raises(QuantError, match="does not fit a fresh mobilenetv3_small_100 fake-quant network"):
+        restore_network("mobilenetv3_small_100", 10, 32, quant, net.state_dict(), {})  # timm's default: no dropout
+
+
 def test_a_missing_int8_package_names_the_extra_to_install(monkeypatch):
     import importlib
 

@@ -17,7 +17,10 @@ from preemption import PreemptAt, Preemption
 from safetensors.torch import load_file
 
 from train.export import main
+from train.export.checkpoint import quant_settings
 from train.nets import litert
+from train.nets.load import network_args, network_state
+from train.quant.recipe import restore_network
 from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +122,9 @@ def test_two_rank_ddp_qat_run_trains_both_ranks_alike_and_ships_int8_measured_in
     # within 5 of the 50 val images.
     assert shipped["int8_failures"] == [], shipped["int8_failures"]
     assert shipped["int8_pte_agreement"] >= 75.0 and shipped["int8_onnx_agreement"] >= 70.0
+    # Agreement on the images the int8 model decides (top-2 logits two or more output steps apart) beside it.
+    assert shipped["int8_output_step"] > 0 and 0 <= shipped["int8_decided"] <= 100
+    assert {"int8_pte_agreement_decided", "int8_onnx_agreement_decided"} <= shipped.keys()
     if litert.available():  # LiteRT: both files, from the same QAT graph, measured like the other runtimes
         assert (export / "model.tflite").is_file() and (export / "model_int8.tflite").is_file()
         assert shipped["int8_tflite_agreement"] >= 75.0 and shipped["tflite_agreement"] >= 98.0
@@ -183,6 +189,12 @@ def test_a_qat_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_weights_an
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+    # The checkpoint records the rates the network was built with: python -m train.export rebuilds the same graph
+    # (its dropout op and that op's observer) and loads the resumed run's state into it.
+    assert b["network_args"]["drop_rate"] == 0.2
+    restore_network(b["run_config"]["model"]["name"], len(b["dataset"]["label_names"]),
+                    b["data_config"]["input_size"][-1], quant_settings(b, latency=False, ptq_observer=None),
+                    network_state(b["state_dict"]), network_args(b))
 
 
 @pytest.mark.slow

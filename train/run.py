@@ -82,7 +82,8 @@ def _train(cfg: DictConfig, guard: SignalGuard, callbacks: Sequence[L.Callback],
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
 
-    model = create_model(cfg.model.name, num_classes=info.num_classes, **features.regularisation(model_rates(cfg)))
+    network_args = features.regularisation(model_rates(cfg))
+    model = create_model(cfg.model.name, num_classes=info.num_classes, **network_args)
     data_config = model_data_config(model, cfg)
     img_size = data_config["input_size"][-1]
     check_img_size(model, img_size)
@@ -108,7 +109,7 @@ def _train(cfg: DictConfig, guard: SignalGuard, callbacks: Sequence[L.Callback],
                          static={"model/params_m": _params_m(model), "model/macs_m": macs / 1e6, "img_size": img_size},
                          paper=plain(cfg.model.get("paper")), provenance=provenance, clock=clock)
     run_record = RunRecord(resolved, {"root": str(info.root), "label_names": list(info.label_names)}, data_config,
-                           provenance)
+                           provenance, network_args=network_args)
     requeue = RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt", guard=guard,
                               check_every_n_steps=cfg.callbacks.requeue.check_every_n_steps)
     run_callbacks = build_callbacks(run_dir, every_n_train_steps=cfg.callbacks.checkpoint.every_n_train_steps,

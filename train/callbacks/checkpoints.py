@@ -42,12 +42,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class RunRecord(Callback):
     """Stores what `python -m train.export` needs to rebuild the network in every checkpoint, as plain values
-    (so the checkpoint loads with `torch.load(weights_only=True)`)."""
+    (so the checkpoint loads with `torch.load(weights_only=True)`). `network_args`: the arguments the network was
+    created with besides its classes (dropout and stochastic-depth rates, after any feature set its own): a QAT
+    network's exported graph holds a dropout op, and its observer, only where the rate was above zero, so its
+    checkpoint fits only a network rebuilt with the same rates."""
 
     def __init__(self, run_config: dict[str, Any], dataset: dict[str, Any], data_config: dict[str, Any],
-                 provenance: dict[str, Any] | None = None) -> None:
+                 provenance: dict[str, Any] | None = None, network_args: dict[str, Any] | None = None) -> None:
         self.record = {"run_config": run_config, "dataset": dataset, "data_config": data_config,
-                       "provenance": provenance or {}}
+                       "provenance": provenance or {}, "network_args": dict(network_args or {})}
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint.update(self.record)

@@ -22,7 +22,14 @@ from data_pipes.stream.datamodule import build_eval_loader
 from train.export.artifacts import ExportError, ExportReport, export_model
 from train.export.provenance import command_line, git_state, versions
 from train.nets.configs import compose_config
-from train.nets.load import build_network, checkpoint_network, is_qat_checkpoint, network_state, read_checkpoint
+from train.nets.load import (
+    build_network,
+    checkpoint_network,
+    is_qat_checkpoint,
+    network_args,
+    network_state,
+    read_checkpoint,
+)
 from train.quant.deploy import Int8Report
 from train.quant.recipe import PTQNetwork, export_int8, float_model, restore_network
 
@@ -100,7 +107,7 @@ def export_quantized(
     if is_qat_checkpoint(ckpt):
         if ptq:
             raise ExportError(f"{ckpt_path} is a QAT checkpoint: it exports to int8 without --ptq")
-        net = restore_network(name, len(label_names), img_size, quant, state)
+        net = restore_network(name, len(label_names), img_size, quant, state, network_args(ckpt))
         model = float_model(net, name, len(label_names))
     else:
         if not ptq:

@@ -89,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"float {m['float_top1']:.2f}%"
               + (f", LiteRT top1 {m['int8_tflite_top1']:.2f}% (agreement {m['int8_tflite_agreement']:.1f}%)"
                  if "int8_tflite_top1" in m else ""))
+        if "int8_decided" in m:  # agreement where the int8 model is not within one output step of a tie
+            print(f"int8: on the {m['int8_decided']:.1f}% of val images whose int8 top-2 logits are two or more "
+                  f"output steps ({m['int8_output_step']:.3g}) apart, agreement "
+                  + ", ".join(f"{label} {m[f'int8_{name}_agreement_decided']:.1f}%"
+                              for name, label in (("pte", "ExecuTorch"), ("onnx", "onnxruntime"), ("tflite", "LiteRT"))
+                              if f"int8_{name}_agreement_decided" in m))
         for failure in int8.failures:
             print(f"error: int8 export: {failure}", file=sys.stderr)
         failed = failed or bool(int8.failures)

@@ -161,6 +161,16 @@ def checkpoint_network(ckpt: Mapping[str, Any]) -> nn.Module:
     return build_network(name, len(labels), network_state(ckpt["state_dict"]))
 
 
+def network_args(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments the checkpoint's network was created with besides its classes (dropout and stochastic-depth
+    rates); checkpoints that predate the record: the run's model group, which is what a run built unless a feature
+    (distillation's kd.drop_rate) set its own."""
+    if "network_args" in ckpt:
+        return dict(ckpt["network_args"])
+    model = ckpt["run_config"].get("model") or {}
+    return {k: model[k] for k in ("drop_rate", "drop_path_rate") if model.get(k) is not None}
+
+
 def is_qat_checkpoint(ckpt: Mapping[str, Any]) -> bool:
     return bool(ckpt["run_config"].get("qat"))
 

@@ -79,9 +79,11 @@ def qat_quantizer(quant: Mapping[str, Any]):
 
 
 def restore_network(name: str, num_classes: int, img_size: int, quant: Mapping[str, Any],
-                    state: Mapping[str, torch.Tensor]) -> FakeQuantNetwork:
-    """The fake-quant network of a QAT checkpoint (`state`: its network's weights, observers and freeze flags)."""
-    net = FakeQuantNetwork(create_model(name, num_classes=num_classes), img_size=img_size,
+                    state: Mapping[str, torch.Tensor], network_args: Mapping[str, Any]) -> FakeQuantNetwork:
+    """The fake-quant network of a QAT checkpoint (`state`: its network's weights, observers and freeze flags;
+    `network_args`: what the run created the network with, `train.nets.load.network_args`). Its graph must be the
+    run's: a dropout above zero, for one, is an op with an observer of its own."""
+    net = FakeQuantNetwork(create_model(name, num_classes=num_classes, **network_args), img_size=img_size,
                            quantizer=qat_quantizer(quant))
     try:
         net.load_state_dict(state, strict=True)
