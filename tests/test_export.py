@@ -182,9 +182,10 @@ def test_export_measures_its_size_and_a_repeatable_batch_1_onnxruntime_latency(e
     latency = metrics["latency_ms"]
     assert set(latency) == {"onnx_1thread", "onnx_all_threads"} and all(v > 0 for v in latency.values())
     assert metrics["latency_context"]["batch"] == 1 and metrics["latency_context"]["cores"] >= 1
-    # Measured again, the median lands near the first one (2x bounds the noise of a machine shared with other tests).
+    # Measured again, the median lands near the first one. 3x bounds the noise of a 2-core machine shared with other
+    # tests (measured: 0.47x with both test workers and a training run beside it; within 2x with the workers alone).
     again = onnx_latency_ms(exported.out_dir / "model.onnx", metrics["img_size"], threads=1)
-    assert 0.5 < again / latency["onnx_1thread"] < 2.0, (again, latency)
+    assert 1 / 3 < again / latency["onnx_1thread"] < 3.0, (again, latency)
 
 
 def test_failed_onnx_check_raises_and_keeps_the_previous_export(tmp_path, trained, val_batches, monkeypatch):
