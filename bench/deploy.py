@@ -118,6 +118,11 @@ def report(rows: list[tuple[str, dict, dict, float]], args, out: Path, log: list
                 value = m[key]
                 text = ", ".join(f"{k} x{v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
                 notes.append(f"- {model}: {what}: {text}")
+        if "int8_decided" in m:  # exports that predate the figure have none
+            notes.append(f"- {model}: on the {m['int8_decided']:.1f}% of photos the int8 model decides (top-2 logits "
+                         f"two or more output steps of {m['int8_output_step']:.3g} apart), int8 agreement pte / onnx / "
+                         "tflite " + " / ".join(_fmt(m.get(f"int8_{k}_agreement_decided"), ".1f")
+                                                for k in ("pte", "onnx", "tflite")))
     text = "\n".join([*lines, "", *notes, "", "commands:", *log])
     out.write_text(text + "\n")
     return text
