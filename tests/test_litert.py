@@ -102,6 +102,42 @@ def test_the_tflite_file_is_what_a_phone_app_feeds_nhwc_pixels_normalised(export
     assert np.abs(got - ref).max() <= ONNX_REL_TOL * np.abs(ref).max()
 
 
+class AttentionNet(torch.nn.Module):
+    """MNv4-Hybrid's attention block (timm's MobileAttention with multi-query attention, keys and values
+    downsampled) between a stem and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models._efficientnet_blocks import MobileAttention
+
+        self.stem = torch.nn.Conv2d(3, 32, 3, stride=4, padding=1)
+        self.block = MobileAttention(32, 32, num_heads=4, key_dim=16, value_dim=16, kv_stride=2, dw_kernel_size=3,
+                                     layer_scale_init_value=None, use_multi_query=True)
+        self.head = torch.nn.Linear(32, 10)
+        with torch.no_grad():  # peakier attention, as trained: the wrong lowering is off by 1 % of the logits here
+            self.block.attn.query.proj.weight.mul_(5.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+@needs_litert
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_attention", "explicit_attention"])
+def test_attention_converts_to_litert_matching_pytorch_whichever_way_timm_computes_it(tmp_path, fused):
+    # litert-torch lowers F.scaled_dot_product_attention (timm's fused_attn) wrongly: MNv4-Hybrid-M's float .tflite
+    # was off by 25-45 % of its logit scale. write_tflite converts the explicit matmul-softmax-matmul instead.
+    torch.manual_seed(0)
+    net = AttentionNet().eval()
+    net.block.attn.fused_attn = fused
+    litert.write_tflite(net, tmp_path / "attn.tflite", SIZE, what="the attention network")
+    assert net.block.attn.fused_attn == fused  # the caller's model is left as it was
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = net(x)
+    got = litert.TfliteRunner(tmp_path / "attn.tflite")(x)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), (got - expected).abs().max()
+
+
 @needs_litert
 def test_a_network_litert_cannot_convert_names_the_op_and_leaves_the_other_files_intact(tmp_path, monkeypatch,
                                                                                          trained, val_batches):

@@ -14,6 +14,7 @@ nothing here imports them before a function needs them (a run without the extra 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 import logging
@@ -88,6 +89,19 @@ def _channels_last(model: nn.Module) -> nn.Module:
     return wrapped
 
 
+def unfused_attention(model: nn.Module) -> nn.Module:
+    """`model`, or a copy of it whose timm attention modules compute attention as explicit matmul, softmax and matmul
+    (`fused_attn=False`): the same arithmetic, which litert-torch 0.10 converts exactly, where it lowers
+    `F.scaled_dot_product_attention` wrongly (MNv4-Hybrid-M's logits off by 25-45 % of their scale, at 64-224 px)."""
+    if not any(getattr(m, "fused_attn", False) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if getattr(module, "fused_attn", False):
+            module.fused_attn = False
+    return model
+
+
 def _quant_config() -> Any:
     """litert-torch's PT2E static-int8 mode. The graph was prepared by our own quantizer (train.quant.backend), whose
     choices the quantize/dequantize nodes carry; this object only tells the converter they are static."""
@@ -104,7 +118,7 @@ def write_tflite(model: nn.Module, path: Path, img_size: int, *, what: str, int8
     sample = torch.randn(1, img_size, img_size, 3)
     try:
         with _quiet_converter(), quiet_native_stderr():
-            edge = litert_torch.convert(_channels_last(model), (sample,),
+            edge = litert_torch.convert(_channels_last(model if int8 else unfused_attention(model)), (sample,),
                                         quant_config=_quant_config() if int8 else None)
             edge.export(str(path))
     except Exception as e:  # noqa: BLE001 - any converter failure becomes the user's message, naming the op
