@@ -89,10 +89,22 @@ def _channels_last(model: nn.Module) -> nn.Module:
     return wrapped
 
 
-def unfused_attention(model: nn.Module) -> nn.Module:
-    """`model`, or a copy of it whose timm attention modules compute attention as explicit matmul, softmax and matmul
-    (`fused_attn=False`): the same arithmetic, which litert-torch 0.10 converts exactly, where it lowers
-    `F.scaled_dot_product_attention` wrongly (MNv4-Hybrid-M's logits off by 25-45 % of their scale, at 64-224 px)."""
+def explicit_attention(model: nn.Module) -> nn.Module:
+    """`model`, or a copy of it that computes attention as explicit matmul, softmax and matmul: the same arithmetic,
+    which litert-torch 0.10 converts exactly, where it lowers `F.scaled_dot_product_attention` wrongly when keys and
+    values have fewer heads than the queries (MNv4's multi-query attention: MNv4-Hybrid-M's float logits off by 25-45 %
+    of their scale at 64-224 px, its int8 ones by several output steps). A timm network gets `fused_attn=False` (timm's
+    own explicit path); an exported graph (the int8 model) gets each attention op rewritten in place of the copy, so
+    the quantized graph, its observers and what the other runtimes run stay as trained."""
+    if isinstance(model, torch.fx.GraphModule):
+        if not any(n.target is _SDPA for n in model.graph.nodes):
+            return model
+        model = copy.deepcopy(model)
+        for node in [n for n in model.graph.nodes if n.target is _SDPA]:
+            _write_out_attention(model.graph, node)
+        model.graph.lint()
+        model.recompile()
+        return model
     if not any(getattr(m, "fused_attn", False) for m in model.modules()):
         return model
     model = copy.deepcopy(model)
@@ -100,6 +112,35 @@ def unfused_attention(model: nn.Module) -> nn.Module:
         if getattr(module, "fused_attn", False):
             module.fused_attn = False
     return model
+
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def _write_out_attention(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """Replace one `scaled_dot_product_attention` node by softmax(q * scale @ k^T) @ v, broadcasting k and v over the
+    query heads as the fused op does (timm's explicit path, op for op)."""
+    args = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), node.args)) | node.kwargs
+    unsupported = {k: args[k] for k in ("attn_mask", "is_causal", "enable_gqa") if args.get(k) not in (None, False)}
+    if float(args.get("dropout_p", 0.0)) != 0.0:
+        unsupported["dropout_p"] = args["dropout_p"]
+    if unsupported:
+        raise LiteRTError(f"LiteRT cannot convert the attention op {node.name} with {unsupported}: only plain "
+                          f"attention (no mask, causal flag, dropout or grouped heads) is written out for LiteRT; "
+                          f"export without LiteRT (export_tflite=false / --no-tflite)")
+    query, key, value = args["query"], args["key"], args["value"]
+    scale = args.get("scale")
+    if scale is None:
+        scale = float(query.meta["val"].shape[-1]) ** -0.5
+    aten = torch.ops.aten
+    with graph.inserting_before(node):
+        scores = graph.call_function(aten.matmul.default, (
+            graph.call_function(aten.mul.Scalar, (query, scale)),
+            graph.call_function(aten.transpose.int, (key, -2, -1))))
+        out = graph.call_function(aten.matmul.default, (graph.call_function(aten.softmax.int, (scores, -1)), value))
+    out.meta = dict(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
 
 
 def _quant_config() -> Any:
@@ -118,7 +159,7 @@ def write_tflite(model: nn.Module, path: Path, img_size: int, *, what: str, int8
     sample = torch.randn(1, img_size, img_size, 3)
     try:
         with _quiet_converter(), quiet_native_stderr():
-            edge = litert_torch.convert(_channels_last(model if int8 else unfused_attention(model)), (sample,),
+            edge = litert_torch.convert(_channels_last(explicit_attention(model)), (sample,),
                                         quant_config=_quant_config() if int8 else None)
             edge.export(str(path))
     except Exception as e:  # noqa: BLE001 - any converter failure becomes the user's message, naming the op
