@@ -108,20 +108,53 @@ def test_a_qat_checkpoint_with_dropout_restores_for_export_with_the_rates_its_ru
     from train.quant.recipe import restore_network
 
     # Dropout above zero is an op of the exported graph, with an observer of its own: the checkpoint of such a run
-    # fits only a network rebuilt with its rates (python -m train.export of every zoo config with a drop_rate).
-    net = fake_quant(drop_rate=0.2, drop_path_rate=0.1)
+    # fits only a network rebuilt with its rates (python -m train.export of MNv4 and MNv2 configs).
+    net = fake_quant("mobilenetv4_conv_small", drop_rate=0.2, drop_path_rate=0.1)
     net(torch.randn(8, 3, 32, 32))
     net.eval()
     quant = {"backend": "xnnpack", "weight_bits": 8}
     recorded = {"network_args": {"drop_rate": 0.2, "drop_path_rate": 0.1},
                 "run_config": {"model": {"drop_rate": 0.0, "drop_path_rate": 0.0}}}  # a feature set its own rates
-    restored = restore_network("mobilenetv3_small_100", 10, 32, quant, net.state_dict(), network_args(recorded))
+    restored = restore_network("mobilenetv4_conv_small", 10, 32, quant, net.state_dict(), network_args(recorded))
     x = torch.randn(3, 3, 32, 32)
     assert torch.equal(net(x), restored(x))
     older = {"run_config": {"model": {"drop_rate": 0.2, "drop_path_rate": 0.1}}}  # predates the record: the model's
     assert network_args(older) == recorded["network_args"]
-    with pytest.raises(QuantError, match="does not fit a fresh mobilenetv3_small_100 fake-quant network"):
-        restore_network("mobilenetv3_small_100", 10, 32, quant, net.state_dict(), {})  # timm's default: no dropout
+    with pytest.raises(QuantError, match="does not fit a fresh mobilenetv4_conv_small fake-quant network"):
+        restore_network("mobilenetv4_conv_small", 10, 32, quant, net.state_dict(), {})  # timm's default: no dropout
+
+
+def test_stochastic_depth_is_left_out_of_the_fake_quant_network_so_it_evaluates_and_ships_deterministically():
+    # timm draws the drop-path mask only while training, a branch torch.export froze: the QAT graph of MNv4-Hybrid-M
+    # (drop path 0.075) kept drawing it in eval, scaled every residual branch by 1/keep, and ExecuTorch refused its
+    # aten.bernoulli when the export lowered it.
+    import timm
+
+    with_sd, without = fake_quant(drop_path_rate=0.2), fake_quant()
+    assert not [n for n in with_sd.graph.graph.nodes if "bernoulli" in str(n.target)]
+    assert set(with_sd.state_dict()) == set(without.state_dict())  # the same observers: the graph of rate 0
+    without.load_state_dict(with_sd.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    with_sd.eval(), without.eval()
+    assert torch.equal(with_sd(x), without(x)) and torch.equal(with_sd(x), with_sd(x))
+    model = timm.create_model("mobilenetv3_small_100", num_classes=10, drop_path_rate=0.2)
+    from train.quant.network import export_graph
+
+    rates = [m.drop_prob for m in model.modules() if hasattr(m, "drop_prob")]
+    export_graph(model.train(), torch.randn(2, 3, 32, 32))
+    assert [m.drop_prob for m in model.modules() if hasattr(m, "drop_prob")] == rates and max(rates) > 0.15
+
+
+def test_a_network_that_draws_random_numbers_while_training_is_refused_for_qat_naming_the_op():
+    from train.quant.backend import QuantError
+    from train.quant.network import export_graph
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.rand_like(x) if self.training else x
+
+    with pytest.raises(QuantError, match=r"Noisy draws random numbers .*aten\.rand"):
+        export_graph(Noisy().train(), torch.randn(2, 3, 8, 8))
 
 
 def test_a_missing_int8_package_names_the_extra_to_install(monkeypatch):

@@ -14,12 +14,18 @@ The exported graph has none of nn.Module's train/eval behaviour, so this wrapper
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import torch
+from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.export import Dim
 
 from train.quant.backend import QuantError, require
 
+log = logging.getLogger(__name__)
 MAX_BATCH = 1 << 16
 
 
@@ -125,9 +131,40 @@ def drop_batch_counters(graph: torch.fx.GraphModule) -> None:
 
 
 def export_graph(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
+    """`model` traced by torch.export (dynamic batch), without stochastic depth (see `_without_drop_path`)."""
     try:
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
+        with _without_drop_path(model):
+            program = torch.export.export(model, (example,),
+                                          dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
     except Exception as e:  # noqa: BLE001 - say which model could not be traced, and why
         raise QuantError(f"torch.export cannot trace {type(model).__name__} for QAT: {type(e).__name__}: "
                          f"{str(e)[:500]}") from None
-    return program.module()
+    graph = program.module()
+    random = sorted({str(n.target) for n in graph.graph.nodes if n.op == "call_function"
+                     and any(op in str(n.target) for op in ("bernoulli", "rand", "normal", "uniform"))})
+    if random:
+        raise QuantError(f"{type(model).__name__} draws random numbers in its traced graph ({', '.join(random)}): a "
+                         f"branch on self.training that torch.export froze, which would run in eval and in the int8 "
+                         f"files too. Disable that layer for QAT (dropout is supported; stochastic depth is left out)")
+    return graph
+
+
+@contextlib.contextmanager
+def _without_drop_path(model: nn.Module) -> Iterator[None]:
+    """Stochastic depth off while `model` is traced. timm's DropPath draws its mask only while training, a branch
+    torch.export freezes: a graph exported for QAT would keep drawing it after the switch to eval (every residual branch
+    scaled by 1/keep, MNv4-Hybrid-M's QAT validation included) and ship `aten.bernoulli` to the runtimes (ExecuTorch
+    refuses it). QAT fine-tunes a trained network for a few epochs, so it goes without; dropout, an op of the graph
+    the network switches, stays. The graph is then the one a drop_path_rate of 0 gives: same observers, same files."""
+    dropping = [m for m in model.modules() if isinstance(m, DropPath) and m.drop_prob > 0]
+    if dropping and model.training:
+        log.info("qat: stochastic depth (drop path up to %.3g) is off in the fake-quant network; dropout stays",
+                 max(m.drop_prob for m in dropping))
+    rates = [m.drop_prob for m in dropping]
+    for m in dropping:
+        m.drop_prob = 0.0
+    try:
+        yield
+    finally:
+        for m, rate in zip(dropping, rates):
+            m.drop_prob = rate
