@@ -131,7 +131,7 @@ def _write_out_attention(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     query, key, value = args["query"], args["key"], args["value"]
     scale = args.get("scale")
     if scale is None:
-        scale = float(query.meta["val"].shape[-1]) ** -0.5
+        scale = float(_shape(query)[-1]) ** -0.5
     aten = torch.ops.aten
     with graph.inserting_before(node):
         scores = graph.call_function(aten.matmul.default, (
@@ -141,6 +141,18 @@ def _write_out_attention(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     out.meta = dict(node.meta)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+
+
+def _shape(node: torch.fx.Node) -> torch.Size:
+    """A graph value's traced shape; quantize/dequantize nodes a quantizer inserted carry none, so it is read from the
+    value they (de)quantize, which has the same shape."""
+    while "val" not in node.meta:
+        source = node.args[0] if node.args and "quantize" in str(node.target) else None
+        if not isinstance(source, torch.fx.Node):
+            raise LiteRTError(f"LiteRT cannot convert the attention op: the shape of {node.name} is not recorded in "
+                              f"the graph; export without LiteRT (export_tflite=false / --no-tflite)")
+        node = source
+    return node.meta["val"].shape
 
 
 def _quant_config() -> Any:
